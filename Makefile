@@ -1,0 +1,32 @@
+# `make demo` and `make test` each create .venv if missing and install what they need (once).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean-runs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalls only when pyproject.toml changes; a second run installs nothing.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/repro data tiny --out data/tiny
+	$(BIN)/repro launch configs/demo.yaml --executor local
+	$(BIN)/repro report configs/demo.yaml
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -ra
+
+clean-runs:
+	rm -rf runs data/tiny

@@ -1,0 +1,214 @@
+"""The contracts between the harness, method plugins and evaluation plugins.
+
+A method is an ``nn.Module`` subclass registered with ``@register_method(name)``; an evaluation is a
+function registered with ``@register_evaluation(name)``. Everything else (launching, checkpoints,
+records) lives in the harness and never needs to know which method or evaluation it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from harness.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry(
+    "method",
+    "ssl_repro.methods",
+    ("methods.mae",),
+)
+EVALUATIONS: Registry[Evaluation] = Registry(
+    "evaluation",
+    "ssl_repro.evaluations",
+    ("evaluations.knn",),
+)
+
+
+def register_method(name: str):
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def register_evaluation(name: str, config_cls: type):
+    """``@register_evaluation("knn", KNNConfig) def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics``."""
+
+    def decorator(fn: Callable[[EvalInputs, Any], Metrics]) -> Callable[[EvalInputs, Any], Metrics]:
+        EVALUATIONS.register(name)(Evaluation(name=name, run=fn, config_cls=config_cls))
+        return fn
+
+    return decorator
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    name: str
+    run: Callable[[EvalInputs, Any], Metrics]
+    config_cls: type
+
+
+@dataclass(frozen=True)
+class Cited:
+    """A preset value and where it comes from (paper table, README or official file)."""
+
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A recipe: values for the generic loop (``TrainConfig``) and the method's own config.
+
+    ``paper_recipe`` names the preset holding the paper's recipe this one derives from; the report
+    prints every setting that differs from it (the recipe-deviation column).
+    """
+
+    values: Mapping[str, Cited]
+    description: str = ""
+    paper_recipe: str | None = None
+
+    def plain(self) -> dict[str, Any]:
+        return {k: v.value for k, v in self.values.items()}
+
+
+def preset(description: str = "", paper_recipe: str | None = None, **values: tuple[Any, str]) -> Preset:
+    """``preset(epochs=(1600, "MAE PRETRAIN.md"), ...)``: every value carries its source."""
+    cited = {}
+    for key, item in values.items():
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str)):
+            raise TypeError(f"preset value {key!r} must be a (value, source) pair, got {item!r}")
+        cited[key] = Cited(*item)
+    return Preset(values=cited, description=description, paper_recipe=paper_recipe)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which representation each evaluation reads from the exported backbone.
+
+    ``pool``: "cls" (final-norm CLS token), "avg" (mean of final-norm patch tokens),
+    "cls+avg" (concatenation), or "avg_norm" (mean-pooled tokens, for backbones without a CLS token).
+    """
+
+    knn: str = "cls"
+    linear: str = "cls"
+    linear_n_last_blocks: int = 1
+    finetune: str = "avg"
+
+
+@dataclass
+class ExportedBackbone:
+    """A timm architecture, its weights, and how evaluations read features from it."""
+
+    timm_name: str
+    timm_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    feature_spec: FeatureSpec
+    label: str  # human name for reports, e.g. "ViT-B/16"
+
+
+@dataclass
+class StepState:
+    """What a method sees of the loop at one optimisation step (values of the per-step schedules)."""
+
+    step: int
+    epoch: int
+    iters_per_epoch: int
+    total_steps: int
+    lr: float
+    weight_decay: float
+    momentum: float  # teacher EMA momentum at this step (methods without a teacher ignore it)
+    world_size: int = 1
+
+
+@dataclass
+class Metrics:
+    """Evaluation output: values in percent, a protocol tag, and which value is the headline."""
+
+    values: dict[str, float]
+    protocol: str
+    headline: str = "top1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalInputs:
+    """What an evaluation receives: the exported backbone, ready, and where its data lies."""
+
+    backbone: nn.Module  # timm model built with num_classes=0, in eval mode, on ``device``
+    feature_spec: FeatureSpec
+    data_root: Path  # ImageFolder root holding train/ and val/
+    img_size: int  # the backbone's input size; eval transforms resize to img_size*256/224 then crop
+    device: torch.device
+    num_workers: int
+    seed: int
+
+
+class Method(nn.Module):
+    """Base class of method plugins: one file per method, reading like the paper's algorithm box.
+
+    Subclasses set ``config_cls`` (a dataclass of the method's own settings) and ``presets``, and
+    implement ``build_transform``, ``training_step`` and ``export_backbone``.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type]
+    presets: ClassVar[dict[str, Preset]] = {}
+
+    def __init__(self, cfg: Any, train: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_cfg = train
+
+    @classmethod
+    def build_transform(cls, cfg: Any) -> Callable[[Any], Any]:
+        """Picklable callable run in the data-loader workers: PIL image -> model input(s)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:
+        """Loss terms of one step; must include "loss" (the one back-propagated). No host syncs."""
+        raise NotImplementedError
+
+    def forward(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:
+        # DDP hooks forward(), so the step goes through it.
+        return self.training_step(batch, state)
+
+    @torch.no_grad()
+    def after_step(self, state: StepState) -> None:
+        """Called after the optimiser step (EMA teachers, schedules kept by the method)."""
+
+    def on_before_optimizer_step(self, state: StepState) -> None:
+        """Called after backward and clipping, before ``optimizer.step`` (e.g. freeze-last-layer)."""
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups; by default no weight decay on biases, norms (1-D) and ``no_weight_decay()``."""
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "apply_wd": True},
+            {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+        ]
+
+    def export_backbone(self) -> ExportedBackbone:
+        raise NotImplementedError
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}

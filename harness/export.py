@@ -1,0 +1,52 @@
+"""Exported backbones: a timm architecture + safetensors weights + the feature spec evaluations read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.api import ExportedBackbone, FeatureSpec
+from harness.atomic import write_atomic, write_json
+from harness.errors import UserError
+
+WEIGHTS, META = "backbone.safetensors", "backbone.json"
+
+
+def save_export(exp: ExportedBackbone, folder: str | Path) -> Path:
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in exp.state_dict.items()}
+    tmp = folder / f".{WEIGHTS}.tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp))
+    write_atomic(folder / WEIGHTS, lambda f: f.write(tmp.read_bytes()))
+    tmp.unlink()
+    write_json(folder / META, {"timm_name": exp.timm_name, "timm_kwargs": exp.timm_kwargs, "label": exp.label,
+                               "feature_spec": dataclasses.asdict(exp.feature_spec)})
+    return folder / WEIGHTS
+
+
+def build_timm(timm_name: str, timm_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The timm model an export describes, headless (num_classes=0), never downloading weights."""
+    return timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+
+
+def load_export(folder: str | Path) -> tuple[torch.nn.Module, FeatureSpec, dict[str, Any]]:
+    folder = Path(folder)
+    if not (folder / WEIGHTS).exists() or not (folder / META).exists():
+        raise UserError("checkpoint", f"no exported backbone in {str(folder)!r}",
+                        "run (or re-run) the pre-training stage that writes it")
+    meta = json.loads((folder / META).read_text())
+    model = build_timm(meta["timm_name"], meta["timm_kwargs"])
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:
+        raise UserError("checkpoint", f"{folder / WEIGHTS} is unreadable ({e})",
+                        "re-run the pre-training stage") from None
+    model.load_state_dict(state, strict=True)
+    return model, FeatureSpec(**meta["feature_spec"]), meta

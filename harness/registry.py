@@ -1,0 +1,62 @@
+"""Explicit name -> object registries, filled by decorators and by Python entry points.
+
+A plugin living outside this repository declares, in its own package metadata::
+
+    [project.entry-points."ssl_repro.methods"]
+    my_method = "my_pkg.my_module"
+
+Loading the entry point imports the module, whose ``@register_method`` decorator registers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from harness.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str, builtin_modules: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._builtin_modules = builtin_modules
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            existing = self._items.get(name)
+            if existing is not None and existing is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice ({existing!r} and {obj!r})")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._builtin_modules:
+            import_module(module)
+        for ep in entry_points(group=self.entry_point_group):
+            ep.load()
+
+    def get(self, name: str, field: str | None = None) -> T:
+        self._load()
+        if name not in self._items:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise UserError(field or self.kind, f"unknown {self.kind} {name!r}", f"choose one of: {known}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

@@ -1,0 +1,38 @@
+"""Per-iteration schedules, precomputed as arrays (index = global step)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int,
+                    warmup_epochs: float = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """DINO/iBOT/EsViT ``utils.cosine_scheduler``: linear warm-up from ``start_warmup`` to ``base``
+    over ``warmup_epochs``, then cosine from ``base`` to ``final`` over the remaining iterations."""
+    warmup_iters = int(warmup_epochs * iters_per_epoch)
+    warmup = np.linspace(start_warmup, base, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * iters_per_epoch - warmup_iters)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * iters_per_epoch
+    return schedule
+
+
+def half_cycle_schedule(base: float, final: float, epochs: int, iters_per_epoch: int,
+                        warmup_epochs: float = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """MAE ``util/lr_sched.adjust_learning_rate``, evaluated at fractional epoch step/iters_per_epoch:
+    linear warm-up from 0, then half-cycle cosine to ``final``. (``start_warmup`` is unused by MAE.)"""
+    out = np.empty(epochs * iters_per_epoch)
+    for step in range(len(out)):
+        e = step / iters_per_epoch
+        if e < warmup_epochs:
+            out[step] = base * e / warmup_epochs
+        else:
+            t = (e - warmup_epochs) / (epochs - warmup_epochs)
+            out[step] = final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return out
+
+
+SCHEDULES = {"cosine": cosine_schedule, "half_cycle": half_cycle_schedule}

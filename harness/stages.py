@@ -1,0 +1,168 @@
+"""Stage entry points: plain ``main(spec) -> record`` functions, runnable with or without submitit.
+
+``StageRunner`` is the thin submitit wrapper: on preemption or timeout submitit calls its
+``checkpoint()``, which saves the running pre-training state and asks to be requeued with the same
+spec; the requeued job finds the checkpoint and resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+
+from harness import checkpoint as ckpt
+from harness.api import EVALUATIONS, EvalInputs
+from harness.atomic import write_json
+from harness.distributed import DistInfo, destroy, init_distributed
+from harness.errors import UserError
+from harness.export import WEIGHTS, load_export
+from harness.matrix import PRETRAIN, StageSpec, make_eval_config
+from harness.provenance import git_commit, package_versions
+from harness.records import read_record, write_record
+from harness.train import PretrainRun, peak_memory_mb
+
+
+def _job_id() -> str | None:
+    try:
+        return submitit.JobEnvironment().job_id
+    except RuntimeError:
+        return os.environ.get("SLURM_JOB_ID")
+
+
+def _base_record(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
+    return {
+        "cell_id": spec.cell_id, "stage_id": spec.stage_id, "stage": spec.stage, "method": spec.method,
+        "preset": spec.preset, "backbone": spec.backbone, "epochs": spec.epochs, "seed": spec.seed,
+        "evaluation": None if spec.stage == PRETRAIN else spec.stage, "data": spec.data_root,
+        "paper_recipe": spec.paper_recipe, "recipe_deviations": spec.recipe_deviations,
+        "overrides": spec.overrides, "eval_config": spec.eval_config,
+        "num_gpus": dist.world_size if dist.device.type == "cuda" else 0, "world_size": dist.world_size,
+        "git_commit": git_commit(), "packages": package_versions(), "job_id": _job_id(),
+    }
+
+
+def write_progress(stage_dir: Path, step: int, total: int, info: dict[str, Any]) -> None:
+    write_json(stage_dir / "progress.json", {"step": step, "total": total, "updated_at": time.time(),
+                                             "loss": info.get("loss"), "img_per_s": info.get("img_per_s")})
+
+
+def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = None) -> dict[str, Any]:
+    stage_dir = Path(spec.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    run = PretrainRun(spec, dist)
+    if runner is not None:
+        runner.active = run
+    progress = (lambda s, n, info: write_progress(stage_dir, s, n, info)) if dist.is_main else None
+    try:
+        result = run.run(on_progress=progress)
+    finally:
+        if runner is not None:
+            runner.active = None
+    finished = run.step >= run.total_steps
+    export = run.export() if finished else None
+    wall = time.time() - t0
+    peak, peak_kind = peak_memory_mb(dist.device)
+    record = {
+        **_base_record(spec, dist),
+        "status": "done" if finished else "stopped",
+        "protocol": PRETRAIN,
+        "metrics": {k: v for k, v in result["final"].items() if k not in {"step", "epoch", "lr", "img_per_s"}},
+        "headline_metric": "loss",
+        "checkpoint": {"path": str(run.ckpt_path), "step": run.step,
+                       "sha256": ckpt.sha256(run.ckpt_path) if dist.is_main else None},
+        "export": str(export) if export else None,
+        "wall_time_s": wall, "train_seconds": result["train_seconds"],
+        "gpu_hours": wall * (dist.world_size if dist.device.type == "cuda" else 0) / 3600,
+        "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "img_per_s": result["img_per_s"],
+        "resumed_from_step": result["resumed_from_step"], "error": None,
+    }
+    if dist.is_main and finished:
+        write_record(stage_dir, record)
+    return record
+
+
+def eval_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
+    stage_dir = Path(spec.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    pre = read_record(spec.pretrain_dir)
+    if pre is None or pre.get("status") != "done":
+        raise UserError("pretrain", f"stage {spec.pretrain_dir} has no finished record",
+                        "run (or re-launch) the matrix so pre-training finishes first")
+    t0 = time.time()
+    export_dir = Path(spec.pretrain_dir) / "export"
+    backbone, feature_spec, meta = load_export(export_dir)
+    backbone = backbone.to(dist.device).eval()
+    evaluation = EVALUATIONS.get(spec.stage, "evaluation")
+    cfg = make_eval_config(evaluation.config_cls, spec.eval_config, f"eval_overrides.{spec.stage}")
+    img_size = int(meta["timm_kwargs"].get("img_size", 224))
+    inputs = EvalInputs(backbone=backbone, feature_spec=feature_spec, data_root=Path(spec.data_root),
+                        img_size=img_size, device=dist.device, num_workers=min(4, os.cpu_count() or 1),
+                        seed=spec.seed)
+    metrics = evaluation.run(inputs, cfg)
+    wall = time.time() - t0
+    peak, peak_kind = peak_memory_mb(dist.device)
+    record = {
+        **_base_record(spec, dist),
+        "status": "done", "protocol": metrics.protocol, "metrics": metrics.values,
+        "headline_metric": metrics.headline, "metrics_extra": metrics.extra,
+        "checkpoint": {"path": str(export_dir / WEIGHTS), "step": pre["checkpoint"]["step"],
+                       "sha256": ckpt.sha256(export_dir / WEIGHTS)},
+        "wall_time_s": wall, "gpu_hours": wall * (1 if dist.device.type == "cuda" else 0) / 3600,
+        "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "img_per_s": None,
+        "resumed_from_step": None, "error": None,
+    }
+    if dist.is_main:
+        write_record(stage_dir, record)
+    return record
+
+
+def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, Any]:
+    """Run one stage in this process; a failure writes a 'failed' record (one line) and re-raises."""
+    dist = init_distributed()
+    try:
+        if spec.stage == PRETRAIN:
+            return pretrain_main(spec, dist, runner)
+        return eval_main(spec, dist)
+    except Exception as e:
+        if dist.is_main:
+            fail = {**_base_record(spec, dist), "status": "failed", "protocol": spec.stage, "metrics": {},
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    "traceback_tail": traceback.format_exc().splitlines()[-6:],
+                    "failed_at": datetime.now(UTC).isoformat()}
+            write_record(spec.stage_dir, fail)
+        raise
+    finally:
+        destroy()
+
+
+class StageRunner(submitit.helpers.Checkpointable):
+    """The callable submitit runs. ``active`` is the running pre-training, for ``checkpoint()``."""
+
+    def __init__(self) -> None:
+        self.active: PretrainRun | None = None
+
+    def __call__(self, spec: StageSpec) -> dict[str, Any]:
+        torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))))
+        return run_stage(spec, self)
+
+    def checkpoint(self, spec: StageSpec) -> submitit.helpers.DelayedSubmission:
+        # Called by submitit's USR2 handler; the loop blocks USR2 inside a step, so we are between steps.
+        if self.active is not None:
+            self.active.save_checkpoint()
+        return submitit.helpers.DelayedSubmission(StageRunner(), spec)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"active": None}
+
+
+def spec_to_json(spec: StageSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)

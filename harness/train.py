@@ -1,0 +1,262 @@
+"""The generic pre-training loop every method runs through.
+
+Per iteration: schedules (lr, weight decay, teacher momentum) -> method.training_step under autocast ->
+backward -> clipping -> optimiser step -> method.after_step (EMA, centers). Randomness inside a step
+is reseeded from (seed, rank, step), and augmentations from (seed, epoch, index), so a resumed run
+retraces the uninterrupted one exactly. The step runs with SIGUSR2 blocked: submitit's preemption
+handler then only ever fires between steps, where the state is consistent and can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from harness import checkpoint as ckpt
+from harness.api import METHODS, Method, StepState
+from harness.atomic import write_text
+from harness.config import TrainConfig, resolve
+from harness.data import ResumableSampler, SeededAugmentDataset, build_loader, image_folder, mix_seed
+from harness.data import _seed_everything as seed_everything
+from harness.distributed import DistInfo
+from harness.errors import NonFiniteLossError, UserError
+from harness.export import save_export
+from harness.schedules import SCHEDULES, cosine_schedule
+
+CKPT_NAME = "last.pt"
+
+
+@contextmanager
+def _signals_blocked():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+
+    @classmethod
+    def build(cls, t: TrainConfig, iters_per_epoch: int) -> Schedules:
+        lr_fn = SCHEDULES[t.lr_schedule]
+        lr = lr_fn(t.lr, t.min_lr, t.epochs, iters_per_epoch, t.warmup_epochs, t.warmup_lr)
+        wd_end = t.weight_decay if t.weight_decay_end is None else t.weight_decay_end
+        wd = cosine_schedule(t.weight_decay, wd_end, t.epochs, iters_per_epoch)
+        mom = cosine_schedule(t.momentum_teacher, t.momentum_teacher_end, t.epochs, iters_per_epoch)
+        return cls(lr=lr, wd=wd, momentum=mom)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mode: str) -> None:
+    """Global-norm clipping (MAE/SimMIM) or per-tensor clipping (DINO ``utils.clip_gradients``),
+    both without a host sync: the per-tensor factor min(1, max/(norm+1e-6)) is applied on device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+class PretrainRun:
+    """One pre-training stage in one process (one rank of a multi-process job)."""
+
+    def __init__(self, spec: Any, dist: DistInfo) -> None:
+        self.spec, self.dist = spec, dist
+        self.stage_dir = Path(spec.stage_dir)
+        self.ckpt_path = self.stage_dir / "ckpt" / CKPT_NAME
+        method_cls: type[Method] = METHODS.get(spec.method, "method")
+        self.train, self.method_cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
+        t = self.train
+        if t.batch_size % dist.world_size:
+            raise UserError("overrides.batch_size", f"{t.batch_size} is not divisible by {dist.world_size} "
+                            "processes", "choose a batch size that is a multiple of the GPU count")
+        seed_everything(mix_seed(spec.seed, 0x1417))  # same initial weights on every rank
+        self.model = method_cls(self.method_cfg, t).to(dist.device)
+        base = image_folder(spec.data_root, "train")
+        self.dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed)
+        self.sampler = ResumableSampler(len(self.dataset), t.batch_size, dist.world_size, dist.rank, spec.seed)
+        self.ipe = self.sampler.batches_per_epoch
+        if self.ipe == 0:
+            raise UserError("overrides.batch_size", f"{t.batch_size} exceeds the {len(self.dataset)} training "
+                            f"images in {spec.data_root}", "lower batch_size or use a larger dataset")
+        self.total_steps = t.epochs * self.ipe
+        self.sched = Schedules.build(t, self.ipe)
+        fused = dist.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(), lr=t.lr, betas=t.betas, eps=t.eps,
+                                           weight_decay=t.weight_decay, fused=fused)
+        self.amp_dtype = autocast_dtype(t.precision, dist.device)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ddp = self.model
+        if dist.world_size > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.step = 0
+        self.resumed_from_step: int | None = None
+        if self.ckpt_path.exists():
+            self._load(ckpt.load(self.ckpt_path))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _load(self, state: dict[str, Any]) -> None:
+        if state.get("stage_id") != self.spec.stage_id:
+            raise UserError("checkpoint", f"{self.ckpt_path} belongs to stage {state.get('stage_id')}, "
+                            f"not {self.spec.stage_id}", "delete the stage folder to start it afresh")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = self.resumed_from_step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from; they will be written again."""
+        path = self.stage_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            write_text(path, "".join(line + "\n" for line in keep))
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes; state is consistent because this runs only between steps."""
+        if not self.dist.is_main:
+            return None
+        return ckpt.save(self.ckpt_path, {
+            "stage_id": self.spec.stage_id,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.ipe,
+            "rng": ckpt.rng_state(),
+        })
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _step(self, batch: Any) -> dict[str, torch.Tensor]:
+        t, s = self.train, self.step
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(self.sched.lr[s])
+            if g.get("apply_wd", True):
+                g["weight_decay"] = float(self.sched.wd[s])
+        state = StepState(step=s, epoch=s // self.ipe, iters_per_epoch=self.ipe, total_steps=self.total_steps,
+                          lr=float(self.sched.lr[s]), weight_decay=float(self.sched.wd[s]),
+                          momentum=float(self.sched.momentum[s]), world_size=self.dist.world_size)
+        seed_everything(mix_seed(self.spec.seed, self.dist.rank, s, 0x57E9))
+        batch = _to_device(batch, self.dist.device)
+        with torch.autocast(self.dist.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.ddp(batch, state)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        if t.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients([p for p in self.model.parameters() if p.requires_grad], t.clip_grad, t.clip_mode)
+        self.model.on_before_optimizer_step(state)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.after_step(state)
+        self.step += 1
+        return {k: v.detach().float() for k, v in out.items()}
+
+    def run(self, on_progress=None) -> dict[str, Any]:
+        t, dist = self.train, self.dist
+        max_steps = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, mininterval=5,
+                   desc=f"pretrain {self.spec.method}/{self.spec.preset} s{self.spec.seed}")
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
+        n_in_interval, t_interval, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), self.step
+        last_logged: dict[str, float] = {}
+        self.model.train()
+        while self.step < max_steps:
+            epoch, start_batch = divmod(self.step, self.ipe)
+            self.sampler.set_position(epoch, start_batch)
+            loader = build_loader(self.dataset, self.sampler, t.num_workers, dist.device.type == "cuda")
+            for batch, _labels in loader:
+                with _signals_blocked():
+                    out = self._step(batch)
+                for k, v in out.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                nonfinite |= ~torch.isfinite(out["loss"])
+                n_in_interval += 1
+                end_of_epoch = self.step % self.ipe == 0
+                if n_in_interval == t.log_every or end_of_epoch or self.step == max_steps:
+                    last_logged = self._log(sums, n_in_interval, nonfinite, time.perf_counter() - t_interval)
+                    bar.update(n_in_interval)
+                    bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                    if on_progress:
+                        on_progress(self.step, self.total_steps, last_logged)
+                    sums, n_in_interval, t_interval = {}, 0, time.perf_counter()
+                ckpt_due = t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0
+                if ckpt_due or end_of_epoch or self.step == max_steps:
+                    if bool(nonfinite):
+                        raise self._nonfinite()
+                    self.save_checkpoint()
+                if self.step >= max_steps:
+                    break
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        images = (self.step - start_step) * t.batch_size
+        return {"final": last_logged, "steps": self.step, "img_per_s": images / elapsed if elapsed > 0 else 0.0,
+                "train_seconds": elapsed, "resumed_from_step": self.resumed_from_step}
+
+    def _nonfinite(self) -> NonFiniteLossError:
+        return NonFiniteLossError(f"non-finite loss before step {self.step} of {self.spec.method}/"
+                                  f"{self.spec.preset} (seed {self.spec.seed}); the last good checkpoint "
+                                  f"{self.ckpt_path} was kept: lower the lr or enable clip_grad")
+
+    def _log(self, sums: dict[str, torch.Tensor], n: int, nonfinite: torch.Tensor, seconds: float) -> dict:
+        """The one host sync of an interval: read the accumulated loss terms."""
+        if bool(nonfinite):
+            raise self._nonfinite()
+        values = {k: float(v) / n for k, v in sums.items()}
+        entry = {"step": self.step, "epoch": self.step / self.ipe, "lr": float(self.sched.lr[self.step - 1]),
+                 "img_per_s": n * self.train.batch_size / seconds if seconds > 0 else 0.0, **values}
+        if self.dist.is_main:
+            with open(self.stage_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return entry
+
+    def export(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return save_export(self.model.export_backbone(), self.stage_dir / "export")
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_max_rss"

@@ -1,0 +1,1 @@
+"""Method plugins: one file per method, each registered with ``@register_method``."""

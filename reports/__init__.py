@@ -1,0 +1,18 @@
+"""Reports: collect result records into pandas, join the paper numbers, render markdown/CSV/plots.
+
+This package only knows records (JSON files) and plain data; it never imports torch or the harness,
+so a report can be built on any machine that holds the output folder.
+"""
+
+from reports.collect import expected_frame, load_records
+from reports.paper import load_paper_numbers
+from reports.tables import comparison_table, to_markdown, write_report
+
+__all__ = [
+    "comparison_table",
+    "expected_frame",
+    "load_paper_numbers",
+    "load_records",
+    "to_markdown",
+    "write_report",
+]

@@ -1,0 +1,52 @@
+"""A bar chart of ours vs the paper, one panel per protocol that has a paper number."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from reports.atomic import write_bytes
+from reports.tables import MISSING, parse_ours
+
+
+def plot_gaps(df: pd.DataFrame, path: str | os.PathLike) -> Path | None:
+    """Draw ``comparison_table``'s rows as ours (± std) vs paper bars; None (no file) if nothing to draw.
+
+    Uses a bare Agg ``Figure`` rather than pyplot so that plotting never touches global backend state.
+    """
+    panels = []
+    for col in df.columns:
+        if not col.endswith(" paper"):
+            continue
+        label = col[: -len(" paper")]
+        bars = []
+        for _, row in df.iterrows():
+            ours = parse_ours(row[f"{label} ours"])
+            if row[col] in ("", MISSING) or ours is None:
+                continue
+            name = f"{row['method']} {row['preset']}\n{row['backbone']} {row['epochs']}ep"
+            bars.append((name, ours[0], ours[1] or 0.0, float(row[col])))
+        if bars:
+            panels.append((label, bars))
+    if not panels:
+        return None
+    width = max(4.0, 1.6 * max(len(bars) for _, bars in panels))
+    fig = Figure(figsize=(width, 3.2 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (label, bars) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        x = range(len(bars))
+        ours, spread = [b[1] for b in bars], [b[2] for b in bars]
+        ax.bar([j - 0.2 for j in x], ours, 0.4, yerr=spread, label="ours", capsize=3)
+        ax.bar([j + 0.2 for j in x], [b[3] for b in bars], 0.4, label="paper")
+        ax.set_xticks(list(x), [b[0] for b in bars], fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    return write_bytes(path, buf.getvalue())

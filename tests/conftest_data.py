@@ -1,0 +1,15 @@
+"""Session fixtures for data (registered from conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.tinydata import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The tiny ImageFolder sets (digits, synthetic), made once per test session."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny(root)
+    return root
