@@ -21,12 +21,12 @@ from harness.registry import Registry
 METHODS: Registry[type[Method]] = Registry(
     "method",
     "ssl_repro.methods",
-    ("methods.mae",),
+    "methods",
 )
 EVALUATIONS: Registry[Evaluation] = Registry(
     "evaluation",
     "ssl_repro.evaluations",
-    ("evaluations.knn",),
+    "evaluations",
 )
 
 
@@ -169,7 +169,10 @@ class Method(nn.Module):
 
     @classmethod
     def build_transform(cls, cfg: Any) -> Callable[[Any], Any]:
-        """Picklable callable run in the data-loader workers: PIL image -> model input(s)."""
+        """Picklable callable run in the data-loader workers: PIL image -> model input(s).
+
+        Its RNGs (Python ``random``, numpy, torch) are seeded per (seed, epoch, sample) before each call;
+        a transform with a ``set_epoch(epoch)`` method is told the epoch first."""
         raise NotImplementedError
 
     def training_step(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:
@@ -208,6 +211,12 @@ class Method(nn.Module):
 
     def export_backbone(self) -> ExportedBackbone:
         raise NotImplementedError
+
+    @classmethod
+    def import_official(cls, checkpoint: dict[str, Any], cfg: Any) -> ExportedBackbone:
+        """Map an official released checkpoint (loaded with ``weights_only=True``) onto the backbone this
+        method exports, with strict key checks (missing or unexpected backbone keys are errors)."""
+        raise NotImplementedError(f"{cls.name} has no official checkpoint import")
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -42,6 +42,20 @@ def image_folder(root: str | os.PathLike, split: str, transform: Callable | None
     return ImageFolder(path, transform=transform)
 
 
+def check_layout(root: str | os.PathLike, splits: tuple[str, ...] = ("train",)) -> None:
+    """Cheap launch-time check of an ImageFolder root (the job's full scan happens in ``image_folder``):
+    the split folders exist and the first class folder of each holds an image."""
+    for split in splits:
+        path = Path(root) / split
+        if not path.is_dir():
+            raise UserError("data.root", f"{path} is not a folder ({_LAYOUT})", _FIX)
+        first = next((d for d in sorted(path.iterdir()) if d.is_dir()), None)
+        if first is None:
+            raise UserError("data.root", f"{path} has no class folders ({_LAYOUT})", _FIX)
+        if not _has_image(first):
+            raise UserError("data.root", f"class folder {first} has no images ({_LAYOUT})", _FIX)
+
+
 def _has_image(folder: Path) -> bool:
     # Same rule as torchvision's make_dataset: any file below the class folder with an image extension.
     return any(
@@ -80,6 +94,8 @@ class SeededAugmentDataset(Dataset):
         path, label = self.base.samples[index]
         img = self.base.loader(path)
         _seed_everything(mix_seed(self.seed, epoch, index))
+        if hasattr(self.transform, "set_epoch"):  # e.g. iBOT masks start at pred_start_epoch
+            self.transform.set_epoch(epoch)
         return self.transform(img), label
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import submitit
 
 from harness.atomic import write_json
+from harness.data import check_layout
 from harness.errors import UserError
 from harness.matrix import PRETRAIN, Matrix, StageSpec
 from harness.records import read_record
@@ -114,6 +115,9 @@ def _pending_stages(matrix: Matrix, ledger: Ledger, executor: str, result: Launc
 
 def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None = None) -> LaunchResult:
     cli_resources = {k: v for k, v in (cli_resources or {}).items() if v is not None}
+    # Bad data folders fail here, in one line, before anything is submitted or written.
+    for root, splits in _data_roots(matrix).items():
+        check_layout(root, splits)
     folder = matrix.out / "submitit"
     ledger = Ledger(matrix.out)
     result = LaunchResult()
@@ -123,6 +127,13 @@ def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None =
     else:
         _launch_slurm(todo, active, folder, cli_resources, ledger, result)
     return result
+
+
+def _data_roots(matrix: Matrix) -> dict[str, tuple[str, ...]]:
+    roots: dict[str, set[str]] = defaultdict(set)
+    for s in matrix.stages():
+        roots[s.data_root] |= {"train"} if s.stage == PRETRAIN else {"train", "val"}
+    return {root: tuple(sorted(splits)) for root, splits in roots.items()}
 
 
 def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Ledger, result: LaunchResult) -> None:
@@ -136,7 +147,7 @@ def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Le
         ledger.record(stage.key, str(job.job_id), "local", folder)
         result.submitted[stage.key] = str(job.job_id)
         try:
-            job.result()
+            job.results()
         except Exception as e:  # the stage wrote its own 'failed' record; keep going with the others
             rec = read_record(stage.stage_dir) or {}
             result.failed[stage.key] = rec.get("error") or _last_error_line(str(e).strip().splitlines())

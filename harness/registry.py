@@ -11,6 +11,7 @@ Loading the entry point imports the module, whose ``@register_method`` decorator
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import pkgutil
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
@@ -21,10 +22,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str, builtin_modules: tuple[str, ...]) -> None:
+    def __init__(self, kind: str, entry_point_group: str, builtin_package: str) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
-        self._builtin_modules = builtin_modules
+        self._builtin_package = builtin_package
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -42,8 +43,10 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        for module in self._builtin_modules:
-            import_module(module)
+        # Every module of the built-in package registers its plugins when imported.
+        package = import_module(self._builtin_package)
+        for info in pkgutil.iter_modules(package.__path__):
+            import_module(f"{self._builtin_package}.{info.name}")
         for ep in entry_points(group=self.entry_point_group):
             ep.load()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,3 +22,50 @@ def mae_transform(img_size: int, scale: tuple[float, float]) -> T.Compose:
         T.RandomHorizontalFlip(),
         normalize(),
     ])
+
+
+class RandomGaussianBlur:
+    """DINO ``utils.GaussianBlur``: with probability p, PIL Gaussian blur of radius U(0.1, 2.0)."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class RandomSolarize:
+    """DINO ``utils.Solarization``: with probability p, PIL solarize (threshold 128)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class MultiCropAugmentation:
+    """DINO ``DataAugmentationDINO``: 2 global crops (blur p=1.0; blur p=0.1 + solarize p=0.2) and
+    ``n_local`` local crops (blur p=0.5), each with flip + colour jitter (p=0.8) + grayscale (p=0.2).
+    Returns the list [global1, global2, local1, ...]; the default collate batches each crop."""
+
+    def __init__(self, global_size: int, local_size: int, n_local: int,
+                 global_scale: tuple[float, float], local_scale: tuple[float, float]) -> None:
+        flip_color = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        bicubic = T.InterpolationMode.BICUBIC
+        self.global1 = T.Compose([T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_color, RandomGaussianBlur(1.0), normalize()])
+        self.global2 = T.Compose([T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_color, RandomGaussianBlur(0.1), RandomSolarize(0.2), normalize()])
+        self.local = T.Compose([T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic),
+                                flip_color, RandomGaussianBlur(0.5), normalize()])
+        self.n_local = n_local
+
+    def __call__(self, img: Image.Image) -> list:
+        return [self.global1(img), self.global2(img), *(self.local(img) for _ in range(self.n_local))]

@@ -35,6 +35,16 @@ alive() {
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
 }
 
+# spawn CMD...: run a daemon with every fd above 2 closed: our lock (fd 9) and whatever the caller
+# passed down (an inherited pipe would make a CI step that waits for its output hang for ever).
+spawn() (
+  cd /
+  for fd in $(ls /proc/$BASHPID/fd); do
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+  exec "$@"
+)
+
 wait_for() { # wait_for SECONDS CMD... ; polls every 0.2 s
   local end=$((SECONDS + $1)); shift
   until "$@" >/dev/null 2>&1; do
@@ -148,7 +158,7 @@ start_munge() {
   fi
   mkdir -p /run/munge && chown munge:munge /run/munge
   if ! alive munged /run/munge/munged.pid; then
-    log "starting munged"; runuser -u munge -- /usr/sbin/munged --force
+    log "starting munged"; spawn runuser -u munge -- /usr/sbin/munged --force
   fi
   wait_for 10 bash -c 'munge -n | unmunge' || die "munged does not answer"
 }
@@ -164,7 +174,7 @@ start_mariadb() {
   if ! alive mariadbd "$STATE/mysql/mariadbd.pid"; then
     log "starting mariadbd (127.0.0.1:$MYSQL_PORT)"
     # pid file and error log must be writable by mysql: keep them in the mysql-owned datadir
-    setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" --socket="$SOCK" \
+    spawn setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" --socket="$SOCK" \
       --pid-file="$STATE/mysql/mariadbd.pid" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
       --log-error="$STATE/mysql/mariadbd.err" --innodb-buffer-pool-size=64M \
       --innodb-lock-wait-timeout=900 --skip-name-resolve </dev/null >/dev/null 2>&1 &
@@ -178,17 +188,17 @@ start_mariadb() {
 }
 
 start_slurmdbd() {
-  if ! alive slurmdbd "$STATE/slurmdbd.pid"; then log "starting slurmdbd"; /usr/sbin/slurmdbd; fi
+  if ! alive slurmdbd "$STATE/slurmdbd.pid"; then log "starting slurmdbd"; spawn /usr/sbin/slurmdbd; fi
   wait_for 60 sacctmgr -n list cluster \
     || { tail -n 20 "$STATE/log/slurmdbd.log" >&2 || true; die "slurmdbd does not answer"; }
   sacctmgr -n -P list cluster format=cluster | grep -qx ci || sacctmgr -i add cluster ci >/dev/null
 }
 
 start_slurm() {
-  if ! alive slurmctld "$STATE/slurmctld.pid"; then log "starting slurmctld"; /usr/sbin/slurmctld; fi
+  if ! alive slurmctld "$STATE/slurmctld.pid"; then log "starting slurmctld"; spawn /usr/sbin/slurmctld; fi
   wait_for 30 scontrol ping \
     || { tail -n 20 "$STATE/log/slurmctld.log" >&2 || true; die "slurmctld does not answer"; }
-  if ! alive slurmd "$STATE/slurmd.pid"; then log "starting slurmd"; /usr/sbin/slurmd -N localhost; fi
+  if ! alive slurmd "$STATE/slurmd.pid"; then log "starting slurmd"; spawn /usr/sbin/slurmd -N localhost; fi
   local end=$((SECONDS + 60)) st
   while :; do
     st=$(sinfo -h -n localhost -p debug -o %T 2>/dev/null || true)
@@ -205,21 +215,31 @@ start_slurm() {
   log "node localhost is $st"
 }
 
-stop_pidfile() { # stop_pidfile NAME PIDFILE
-  if alive "$1" "$2"; then
-    local pid; pid=$(cat "$2"); log "stopping $1 (pid $pid)"; kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then log "$1 did not exit in 10 s: SIGKILL"; kill -9 "$pid" || true; fi
-  fi
-  rm -f "$2"
+stop_group() { # stop_group NAME=PIDFILE...: SIGTERM them together, wait up to 10 s, then SIGKILL
+  local item name pf pids=() pid
+  for item in "$@"; do
+    name=${item%%=*}; pf=${item#*=}
+    if alive "$name" "$pf"; then
+      pid=$(cat "$pf"); log "stopping $name (pid $pid)"; kill "$pid" 2>/dev/null || true; pids+=("$pid")
+    fi
+    rm -f "$pf"
+  done
+  local end=$((SECONDS + 10)) left
+  while :; do
+    left=()
+    for pid in "${pids[@]}"; do if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); fi; done
+    [ ${#left[@]} -eq 0 ] && return 0
+    [ $SECONDS -ge $end ] && break
+    sleep 0.1
+  done
+  log "pid ${left[*]} did not exit in 10 s: SIGKILL"; kill -9 "${left[@]}" 2>/dev/null || true
 }
 
 stop_all() {
-  stop_pidfile slurmd "$STATE/slurmd.pid"
-  stop_pidfile slurmctld "$STATE/slurmctld.pid"
-  stop_pidfile slurmdbd "$STATE/slurmdbd.pid"
-  stop_pidfile mariadbd "$STATE/mysql/mariadbd.pid"
-  stop_pidfile munged /run/munge/munged.pid
+  # order matters: slurmctld flushes to slurmdbd, slurmdbd to MariaDB; all use munge
+  stop_group slurmd="$STATE/slurmd.pid" slurmctld="$STATE/slurmctld.pid"
+  stop_group slurmdbd="$STATE/slurmdbd.pid"
+  stop_group mariadbd="$STATE/mysql/mariadbd.pid" munged=/run/munge/munged.pid
 }
 
 down() {
@@ -242,9 +262,10 @@ status() {
 
 [ "$(id -u)" = 0 ] || die "must run as root"
 mkdir -p "$(dirname "$STATE")"
-# one instance at a time (the lock lives outside the state dir so that purge can remove it)
+# One instance at a time. The lock lives outside the state dir (purge removes that); daemons are
+# started through spawn, which closes fd 9, or they would hold the lock for ever.
 exec 9> "$STATE.lock"
-flock -w 600 9 || die "another slurm_cluster.sh holds $STATE.lock"
+flock -w 300 9 || die "another slurm_cluster.sh holds $STATE.lock"
 
 case "${1:-}" in
   up)

@@ -1,0 +1,59 @@
+"""Pieces of the student/teacher self-distillation family (DINO, iBOT, EsViT): EMA teacher,
+centering, teacher temperature schedule, and the cross-entropy to a sharpened teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from harness.distributed import all_reduce_mean
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, over parameters both have (iBOT ``names_common``)."""
+    student_params = dict(student.named_parameters())
+    pairs = [(t, student_params[n]) for n, t in teacher.named_parameters() if n in student_params]
+    t_params = [t.data for t, _ in pairs]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, [s.detach().data for _, s in pairs], alpha=1.0 - momentum)
+
+
+class Center(nn.Module):
+    """Running mean of the teacher's outputs (DINO ``update_center``), all-reduced across processes.
+
+    ``update(rows)`` takes the rows to average (batch x K); callers pass what the official code sums.
+    The buffer is saved in checkpoints and is identical on every rank.
+    """
+
+    def __init__(self, shape: tuple[int, ...], momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(*shape))
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> None:
+        batch_center = all_reduce_mean(rows.float().mean(dim=0).reshape(self.center.shape))
+        self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
+
+
+def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
+                                 hold_epochs: int = 0) -> np.ndarray:
+    """Per-epoch teacher temperature: held at ``warmup_temp`` for ``hold_epochs`` (iBOT's
+    mim_start_epoch shift), then ``np.linspace(warmup_temp, temp, warmup_epochs)`` (endpoint
+    included, as in the official code, so ``temp`` is reached at epoch warmup_epochs-1), then ``temp``."""
+    parts = [np.full(hold_epochs, warmup_temp), np.linspace(warmup_temp, temp, warmup_epochs),
+             np.full(epochs - warmup_epochs - hold_epochs, temp)]
+    return np.concatenate(parts)
+
+
+def sharpen(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher targets: softmax((t - center) / temperature), no gradient."""
+    return F.softmax((teacher_logits.detach() - center) / temperature, dim=-1)
+
+
+def cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Per-row sum_k -targets * log_softmax(student / T_s) (not averaged)."""
+    return torch.sum(-targets * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)
