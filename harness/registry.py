@@ -10,8 +10,8 @@ Loading the entry point imports the module, whose ``@register_method`` decorator
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import pkgutil
+from collections.abc import Callable, Iterator
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar

@@ -35,7 +35,8 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        batch_center = all_reduce_mean(rows.float().mean(dim=0).reshape(self.center.shape))
+        # In the center's dtype (float32 in training, bf16 rows are upcast; float64 in golden tests).
+        batch_center = all_reduce_mean(rows.to(self.center.dtype).mean(dim=0).reshape(self.center.shape))
         self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
 
 

@@ -1,0 +1,130 @@
+"""The launcher on a real single-node SLURM cluster (scripts/slurm_cluster.sh up).
+
+Skipped with a one-line reason when no cluster answers, failed instead when REQUIRE_SLURM=1 (CI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from harness.launch import job_state, launch
+from harness.matrix import expand
+from harness.records import read_record
+from harness.stages import run_stage
+from harness.status import status_rows
+from tests.helpers import read_metrics, write_spec
+
+pytestmark = pytest.mark.slurm
+QUICK = {"epochs": 1, "batch_size": 64, "num_workers": 1}
+CPU1 = {"cpus_per_task": 1, "timeout_min": 10, "partition": "debug"}
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftovers():
+    """A failing test must not leave jobs that hold the cluster's CPUs for the next ones."""
+    yield
+    subprocess.run(["scancel", "--name", "ssl-repro"], capture_output=True)
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sacct(job_id: str, fields: str = "State") -> str:
+    return subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", fields], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def slurm_job(matrix, key: str) -> submitit.SlurmJob:
+    entry = json.loads((matrix.out / "launch" / "ledger.json").read_text())[key]
+    return submitit.SlurmJob(folder=entry["folder"], job_id=entry["job_id"])
+
+
+def test_array_dependency_and_idempotent_relaunch(slurm_cluster, tmp_path, tiny_data):
+    path = write_spec(tmp_path / "s.yaml", tiny_data / "synthetic", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [0, 1], "overrides": QUICK,
+                        "evaluations": ["knn"]}], resources={"pretrain": CPU1, "eval": CPU1})
+    matrix = expand(path)
+    first = launch(matrix, "slurm")
+    pre = [first.submitted[f"{c.pretrain.cell_id}/pretrain"] for c in matrix.cells]
+    knn = [first.submitted[f"{c.pretrain.cell_id}/knn"] for c in matrix.cells]
+    # seeds of one shape are one array; their evaluations an array that waits task by task (aftercorr)
+    assert [j.split("_")[1] for j in pre] == ["0", "1"] and len({j.split("_")[0] for j in pre}) == 1
+    assert [j.split("_")[1] for j in knn] == ["0", "1"] and len({j.split("_")[0] for j in knn}) == 1
+    # relaunching while jobs are queued or running submits nothing
+    again = launch(expand(path), "slurm")
+    assert again.submitted == {} and len(again.skipped_active) + len(again.skipped_done) == 4
+
+    def all_done():
+        return all((read_record(s.stage_dir) or {}).get("status") == "done" for s in matrix.stages())
+
+    wait_until(all_done, 300, "all four stages to finish")
+    for p, k in zip(pre, knn, strict=True):  # each evaluation started after its own pre-training ended
+        p_end = sacct(p, "End")
+        k_start = sacct(k, "Start")
+        assert k_start >= p_end, (p, p_end, k, k_start)
+        assert wait_until(lambda j=k: sacct(j) == "COMPLETED", 30, "sacct COMPLETED")
+    rec = read_record(matrix.cells[1].evaluations[0].stage_dir)
+    assert rec["job_id"] == knn[1] and rec["protocol"] == "knn@k20,T0.07"
+    done = launch(expand(path), "slurm")
+    assert done.submitted == {} and len(done.skipped_done) == 4
+    rows = status_rows(expand(path))
+    assert all(r["pretrain"].startswith("done") and r["knn"].startswith("done") for r in rows)
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path, tiny_data):
+    over = {"epochs": 3, "batch_size": 64, "num_workers": 1, "log_every": 1}
+    path = write_spec(tmp_path / "p.yaml", tiny_data / "digits", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": over}],
+                      resources={"pretrain": {**CPU1, "cpus_per_task": 2}})
+    matrix = expand(path)
+    stage = matrix.cells[0].pretrain
+    launch(matrix, "slurm")
+    job = slurm_job(matrix, stage.key)
+    progress = Path(stage.stage_dir) / "progress.json"
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 5, 120, "5 steps")
+    job._interrupt()  # SIGTERM then USR2, as at preemption: checkpoint between steps, scontrol requeue
+    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
+    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, 300, "resume")
+    resumed_at = rec["resumed_from_step"]
+    assert resumed_at is not None and 5 <= resumed_at < 66, resumed_at  # 3 epochs x 22 steps
+    assert rec["checkpoint"]["step"] == 66
+    # The requeued run retraces the uninterrupted one: same losses at every step.
+    trajectory = read_metrics(stage.stage_dir)
+    assert [m["step"] for m in trajectory] == list(range(1, 67))
+    reference = write_spec(tmp_path / "ref.yaml", tiny_data / "digits", tmp_path / "ref",
+                           [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": over}])
+    ref_stage = expand(reference).cells[0].pretrain
+    run_stage(ref_stage)
+    expected = {m["step"]: m["loss"] for m in read_metrics(ref_stage.stage_dir)}
+    assert all(m["loss"] == expected[m["step"]] for m in trajectory)
+
+
+def test_cancel_shows_in_status_and_relaunch_resubmits(slurm_cluster, tmp_path, tiny_data):
+    path = write_spec(tmp_path / "c.yaml", tiny_data / "digits", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [3], "overrides": {"epochs": 200}}],
+                      resources={"pretrain": CPU1})
+    matrix = expand(path)
+    stage = matrix.cells[0].pretrain
+    launch(matrix, "slurm")
+    job = slurm_job(matrix, stage.key)
+    wait_until(lambda: job_state(job) == "RUNNING", 60, "RUNNING")
+    job.cancel()
+    wait_until(lambda: job_state(job) == "CANCELLED", 60, "CANCELLED")
+    assert status_rows(matrix)[0]["pretrain"].startswith("cancelled")
+    again = launch(expand(path), "slurm")
+    assert list(again.submitted) == [stage.key]
+    new = slurm_job(matrix, stage.key)
+    assert new.job_id != job.job_id
+    new.cancel()
