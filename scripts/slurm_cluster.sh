@@ -174,10 +174,11 @@ start_mariadb() {
   if ! alive mariadbd "$STATE/mysql/mariadbd.pid"; then
     log "starting mariadbd (127.0.0.1:$MYSQL_PORT)"
     # pid file and error log must be writable by mysql: keep them in the mysql-owned datadir
-    spawn setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" --socket="$SOCK" \
+    # setsid --fork: spawn returns at once (a background `spawn ... &` subshell would keep fd 9 open)
+    spawn setsid --fork /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" --socket="$SOCK" \
       --pid-file="$STATE/mysql/mariadbd.pid" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
       --log-error="$STATE/mysql/mariadbd.err" --innodb-buffer-pool-size=64M \
-      --innodb-lock-wait-timeout=900 --skip-name-resolve </dev/null >/dev/null 2>&1 &
+      --innodb-lock-wait-timeout=900 --skip-name-resolve </dev/null >/dev/null 2>&1
   fi
   wait_for 60 mariadb --no-defaults --socket="$SOCK" -uroot -e 'select 1' \
     || { tail -n 20 "$STATE/mysql/mariadbd.err" >&2 || true; die "MariaDB does not answer"; }

@@ -119,7 +119,7 @@ def test_cancel_shows_in_status_and_relaunch_resubmits(slurm_cluster, tmp_path, 
     stage = matrix.cells[0].pretrain
     launch(matrix, "slurm")
     job = slurm_job(matrix, stage.key)
-    wait_until(lambda: job_state(job) == "RUNNING", 60, "RUNNING")
+    wait_until(lambda: job_state(job) == "RUNNING", 180, "RUNNING")
     job.cancel()
     wait_until(lambda: job_state(job) == "CANCELLED", 60, "CANCELLED")
     assert status_rows(matrix)[0]["pretrain"].startswith("cancelled")
@@ -128,3 +128,18 @@ def test_cancel_shows_in_status_and_relaunch_resubmits(slurm_cluster, tmp_path, 
     new = slurm_job(matrix, stage.key)
     assert new.job_id != job.job_id
     new.cancel()
+
+
+def test_two_task_job_runs_ddp_on_the_cluster(slurm_cluster, tmp_path, tiny_data):
+    path = write_spec(tmp_path / "d.yaml", tiny_data / "synthetic", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [0],
+                        "overrides": {"epochs": 1, "batch_size": 64, "num_workers": 0, "log_every": 1}}],
+                      resources={"pretrain": {**CPU1, "tasks_per_node": 2}})
+    matrix = expand(path)
+    stage = matrix.cells[0].pretrain
+    launch(matrix, "slurm")
+    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") in {"done", "failed"} and r,
+                     180, "the DDP job")
+    assert rec["status"] == "done", rec.get("error")
+    assert rec["world_size"] == 2 and rec["job_id"] == slurm_job(matrix, stage.key).job_id
+    assert [m["step"] for m in read_metrics(stage.stage_dir)] == list(range(1, 10))  # rank 0 writes alone
