@@ -213,9 +213,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def import_official(cls, checkpoint: dict[str, Any], cfg: Any) -> ExportedBackbone:
+    def import_official(cls, checkpoint: dict[str, Any], cfg: Any, checkpoint_key: str = "teacher"
+                        ) -> ExportedBackbone:
         """Map an official released checkpoint (loaded with ``weights_only=True``) onto the backbone this
-        method exports, with strict key checks (missing or unexpected backbone keys are errors)."""
+        method exports, with strict key checks (missing or unexpected backbone keys are errors).
+        ``checkpoint_key`` picks the network of a full training checkpoint ("teacher" or "student")."""
         raise NotImplementedError(f"{cls.name} has no official checkpoint import")
 
 

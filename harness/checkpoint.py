@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -60,6 +61,25 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError("checkpoint", f"{str(path)!r} is not an ssl-repro checkpoint ({FORMAT})",
                         "point to a checkpoint written by 'repro'") from None
     return state
+
+
+def load_external(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint from outside (an official release): ``torch.load(weights_only=True)``. Official full
+    checkpoints also pickle their ``argparse.Namespace`` of arguments, allow-listed for this call only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("checkpoint", f"{str(path)!r} does not exist", "pass the path of a released checkpoint")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling problem is the file's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError("checkpoint", f"{path} cannot be read with weights_only=True ({first[:160]})",
+                        "pass an official release (state dict or full checkpoint)") from None
+    if not isinstance(obj, dict):
+        raise UserError("checkpoint", f"{path} holds a {type(obj).__name__}, not a state dict",
+                        "pass an official release (state dict or full checkpoint)")
+    return obj
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

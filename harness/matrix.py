@@ -36,7 +36,8 @@ from harness.errors import UserError
 CODE_VERSION = 1  # bump when a change makes old results incomparable; it is part of every stage id
 PRETRAIN = "pretrain"
 _SPEC_KEYS = {"name", "out", "data", "experiments", "resources"}
-_EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides"}
+_EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides", "checkpoint",
+             "checkpoint_key"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                  "partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s",
                  "max_num_timeout"}
@@ -64,6 +65,12 @@ class StageSpec:
     paper_recipe: str | None = None
     recipe_deviations: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
+    import_from: str | None = None  # an official checkpoint: the "pretrain" stage imports it instead
+    checkpoint_key: str = "teacher"
+
+    @property
+    def preset_label(self) -> str:
+        return f"{self.preset} (official weights)" if self.import_from else self.preset
 
     @property
     def key(self) -> str:
@@ -176,24 +183,44 @@ def expand(path: str | Path, out: str | Path | None = None) -> Matrix:
                 raise UserError(f"{where}.preset", f"unknown preset {preset_name!r} for method {method!r}",
                                 f"choose one of: {', '.join(sorted(method_cls.presets))}")
             _, method_cfg, flat = resolve(method_cls, preset_name, overrides, f"{where}.overrides")
+            imported = _import_source(exp, where, path.parent)
             cell = _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, evals, eval_over,
-                         out_dir, where, res_pre, res_eval)
+                         out_dir, where, res_pre, res_eval, imported)
             cells.setdefault(cell.pretrain.cell_id, cell)
     return Matrix(name=name, out=out_dir, cells=tuple(cells.values()), spec_path=path)
 
 
+def _import_source(exp: dict[str, Any], where: str, spec_dir: Path) -> dict[str, str] | None:
+    """``checkpoint: PATH`` evaluates released weights instead of pre-training (relative to the spec)."""
+    if "checkpoint" not in exp:
+        return None
+    ckpt = Path(str(exp["checkpoint"]))
+    ckpt = ckpt if ckpt.is_absolute() else (spec_dir / ckpt)
+    if not ckpt.is_file():
+        raise UserError(f"{where}.checkpoint", f"{str(ckpt)!r} does not exist", "give the released checkpoint's path")
+    key = str(exp.get("checkpoint_key", "teacher"))
+    if key not in {"teacher", "student"}:
+        raise UserError(f"{where}.checkpoint_key", f"unknown network {key!r}", "use 'teacher' or 'student'")
+    return {"path": str(ckpt.resolve()), "key": key}
+
+
 def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, evals, eval_over, out_dir, where,
-          res_pre, res_eval) -> Cell:
+          res_pre, res_eval, imported: dict[str, str] | None = None) -> Cell:
     pre_root = str(data["pretrain"])
     cell_id = digest({"v": CODE_VERSION, "method": method_cls.name, "config": identity_config(flat), "seed": seed,
-                      "data": pre_root})
+                      "data": pre_root, **({"import": imported} if imported else {})})
     shape = getattr(method_cfg, "shape", None)
     backbone = shape.label if shape is not None else str(flat.get("backbone", "?"))
     paper_recipe, devs = recipe_deviations(method_cls, preset_name, flat)
-    cell_dir = out_dir / "cells" / f"{method_cls.name}-{preset_name}-s{seed}-{cell_id}"
+    if imported:  # released weights: the paper's own run, so nothing deviates from its recipe
+        devs = {}
+    tag = "-official" if imported else ""
+    cell_dir = out_dir / "cells" / f"{method_cls.name}-{preset_name}{tag}-s{seed}-{cell_id}"
     common = dict(cell_id=cell_id, method=method_cls.name, preset=preset_name, seed=seed,
                   overrides=dict(overrides), backbone=backbone, epochs=int(flat["epochs"]),
-                  paper_recipe=paper_recipe, recipe_deviations=devs, pretrain_dir=str(cell_dir / PRETRAIN))
+                  paper_recipe=paper_recipe, recipe_deviations=devs, pretrain_dir=str(cell_dir / PRETRAIN),
+                  import_from=imported["path"] if imported else None,
+                  checkpoint_key=imported["key"] if imported else "teacher")
     pretrain = StageSpec(stage=PRETRAIN, stage_id=cell_id, data_root=pre_root, stage_dir=str(cell_dir / PRETRAIN),
                          resources=res_pre, **common)
     stages = []

@@ -19,11 +19,12 @@ import submitit
 import torch
 
 from harness import checkpoint as ckpt
-from harness.api import EVALUATIONS, EvalInputs
+from harness.api import EVALUATIONS, METHODS, EvalInputs
 from harness.atomic import write_json
+from harness.config import resolve
 from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
-from harness.export import WEIGHTS, load_export
+from harness.export import WEIGHTS, load_export, save_export
 from harness.matrix import PRETRAIN, StageSpec, make_eval_config
 from harness.provenance import git_commit, package_versions
 from harness.records import read_record, write_record
@@ -40,7 +41,7 @@ def _job_id() -> str | None:
 def _base_record(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     return {
         "cell_id": spec.cell_id, "stage_id": spec.stage_id, "stage": spec.stage, "method": spec.method,
-        "preset": spec.preset, "backbone": spec.backbone, "epochs": spec.epochs, "seed": spec.seed,
+        "preset": spec.preset_label, "backbone": spec.backbone, "epochs": spec.epochs, "seed": spec.seed,
         "evaluation": None if spec.stage == PRETRAIN else spec.stage, "data": spec.data_root,
         "paper_recipe": spec.paper_recipe, "recipe_deviations": spec.recipe_deviations,
         "overrides": spec.overrides, "eval_config": spec.eval_config,
@@ -90,6 +91,27 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
     return record
 
 
+def import_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
+    """Released weights instead of a pre-training: the method maps them onto its exported backbone."""
+    stage_dir = Path(spec.stage_dir)
+    t0 = time.time()
+    method_cls = METHODS.get(spec.method, "method")
+    _, cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
+    exported = method_cls.import_official(ckpt.load_external(spec.import_from), cfg, spec.checkpoint_key)
+    record = {
+        **_base_record(spec, dist),
+        "status": "done", "protocol": "import", "metrics": {}, "headline_metric": None,
+        "checkpoint": {"path": spec.import_from, "step": None, "sha256": ckpt.sha256(spec.import_from),
+                       "network": spec.checkpoint_key},
+        "wall_time_s": time.time() - t0, "gpu_hours": 0.0, "img_per_s": None, "resumed_from_step": None,
+        "error": None,
+    }
+    if dist.is_main:
+        save_export(exported, stage_dir / "export")
+        write_record(stage_dir, record)
+    return record
+
+
 def eval_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     stage_dir = Path(spec.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +152,8 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
     dist = init_distributed()
     try:
         if spec.stage == PRETRAIN:
+            if spec.import_from:
+                return import_main(spec, dist)
             return pretrain_main(spec, dist, runner)
         return eval_main(spec, dist)
     except Exception as e:

@@ -49,7 +49,7 @@ def status_rows(matrix: Matrix, query_slurm: bool = True) -> list[dict[str, Any]
     rows = []
     for cell in matrix.cells:
         p = cell.pretrain
-        row = {"cell": p.cell_id, "method": p.method, "preset": p.preset, "seed": p.seed}
+        row = {"cell": p.cell_id, "method": p.method, "preset": p.preset_label, "seed": p.seed}
         for stage in cell.stages:
             st = stage_status(stage, ledger, query_slurm)
             text = st["state"]
@@ -69,5 +69,6 @@ def expected_rows(matrix: Matrix) -> list[dict[str, Any]]:
     ledger = Ledger(matrix.out)
     keys = ("cell_id", "stage_id", "stage", "method", "preset", "backbone", "epochs", "seed", "paper_recipe",
             "recipe_deviations", "protocol", "headline_metric")
-    return [{**{k: getattr(s, k) for k in keys}, "evaluation": None if s.stage == "pretrain" else s.stage,
+    return [{**{k: getattr(s, k) for k in keys}, "preset": s.preset_label,
+             "evaluation": None if s.stage == "pretrain" else s.stage,
              "status": stage_status(s, ledger)["state"]} for s in matrix.stages()]

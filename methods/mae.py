@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -20,6 +21,7 @@ from torch import nn
 from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
 from methods.augment import mae_transform
 from methods.backbones import ViTShape, create_vit, init_linear_xavier, sincos_pos_embed_2d
+from methods.official import backbone_state_dict, load_strict
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -206,11 +208,27 @@ class MAE(Method):
     # list, so only 1-D parameters and biases escape weight decay (cls/mask tokens do not).
 
     def export_backbone(self) -> ExportedBackbone:
-        shape = self.cfg.shape
+        return self._exported(self.cfg, self.encoder.state_dict())
+
+    @classmethod
+    def import_official(cls, checkpoint: dict[str, Any], cfg: MAEConfig, checkpoint_key: str = "teacher"
+                        ) -> ExportedBackbone:
+        """MAE releases (``mae_pretrain_vit_base.pth``: ``{"model": encoder}``; the visualisation
+        checkpoints also hold the decoder). MAE builds its encoder from timm's Block, so its keys are
+        timm's ViT keys; the decoder and mask token are dropped. MAE has no teacher: the key is unused."""
+        state = backbone_state_dict(checkpoint.get("model", checkpoint), "teacher",
+                                    drop=("decoder_", "mask_token"))
+        model = create_vit(cfg.shape)
+        load_strict(model, state, "MAE checkpoint")
+        return cls._exported(cfg, model.state_dict())
+
+    @staticmethod
+    def _exported(cfg: MAEConfig, state: dict[str, torch.Tensor]) -> ExportedBackbone:
+        shape = cfg.shape
         return ExportedBackbone(
             timm_name="vit_base_patch16_224",
             timm_kwargs=shape.timm_kwargs() | {"drop_path_rate": 0.0},
-            state_dict={k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
+            state_dict={k: v.detach().clone() for k, v in state.items()},
             # MAE's linear probe reads the CLS token (FINETUNE.md); fine-tuning mean-pools (--global_pool).
             feature_spec=FeatureSpec(knn="cls", linear="cls", linear_n_last_blocks=1, finetune="avg"),
             label=shape.label,
