@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from reports.atomic import write_bytes
+from harness.atomic import write_atomic
 from reports.tables import MISSING, parse_ours
 
 
@@ -49,4 +49,5 @@ def plot_gaps(df: pd.DataFrame, path: str | os.PathLike) -> Path | None:
         ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
-    return write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    return write_atomic(path, lambda f: f.write(data))

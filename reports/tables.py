@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.atomic import write_text
+from harness.atomic import write_text
 
 GROUP = ("method", "preset", "backbone", "epochs")
 MISSING = "—"
