@@ -79,8 +79,10 @@ class BlockMaskGenerator:
 
 
 def block_mask(height: int, width: int, budget: float, log_aspect_ratio: tuple[float, float],
-               attempts: int = 10) -> np.ndarray:
-    """BEiT block-wise masking until ``budget`` cells are masked (never more than floor(budget))."""
+               attempts: int = 10, placed: list[dict[str, float]] | None = None) -> np.ndarray:
+    """BEiT block-wise masking until ``budget`` cells are masked (never more than floor(budget)).
+
+    ``placed``, if given, receives one record per applied block (for tests and plots)."""
     mask = np.zeros((height, width), dtype=bool)
     min_area = (min(height, width) // 3) ** 2  # lower end of the area draw, not a hard minimum
     count = 0
@@ -100,6 +102,9 @@ def block_mask(height: int, width: int, budget: float, log_aspect_ratio: tuple[f
                 if 0 < new <= remaining:
                     block[...] = True
                     added += new
+                    if placed is not None:
+                        placed.append(dict(area=area, aspect=aspect, top=top, left=left, h=h, w=w, new=new,
+                                           remaining=remaining, min_area=min_area))
             if added > 0:
                 break
         if added == 0:
