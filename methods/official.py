@@ -8,17 +8,16 @@ Their releases come in two layouts:
 - a plain backbone state dict (the "backbone only" downloads, e.g. DINO's
   ``dino_deitsmall16_pretrain.pth``), keys as in the method's ``VisionTransformer``.
 
-``backbone_state_dict`` picks the network (teacher by default, as ``eval_knn.py --checkpoint_key
-teacher``), strips the wrapper prefixes, drops the projection heads, and ``load_strict`` puts the result
-into a timm model, failing with a one-line ``UserError`` that names missing, unexpected or
-wrongly-shaped keys (the official ``load_pretrained_weights`` loads with ``strict=False`` and prints).
+Files are read with ``harness.checkpoint.load_external`` (weights_only=True). ``backbone_state_dict``
+picks the network (teacher by default, as ``eval_knn.py --checkpoint_key teacher``), strips the
+wrapper prefixes, drops the projection heads, and ``load_strict`` puts the result into a timm model,
+failing with a one-line ``UserError`` that names missing, unexpected or wrongly-shaped keys (the
+official ``load_pretrained_weights`` loads with ``strict=False`` and prints).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,25 +28,6 @@ from harness.errors import UserError
 WRAPPER_PREFIXES = ("module.", "backbone.")
 HEAD_PREFIXES = ("head.",)
 NETWORK_KEYS = ("teacher", "student")
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``; the official full checkpoints also pickle their
-    ``argparse.Namespace`` of arguments, which is allow-listed for this one call only."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("checkpoint", f"{str(path)!r} does not exist", "pass the path of a released checkpoint")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is the user's file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError("checkpoint", f"{path} cannot be read with weights_only=True ({first})",
-                        "pass an official release (state dict or full checkpoint)") from None
-    if not isinstance(obj, Mapping):
-        raise UserError("checkpoint", f"{path} holds a {type(obj).__name__}, not a state dict",
-                        "pass an official release (state dict or full checkpoint)")
-    return dict(obj)
 
 
 def _strip(key: str, prefixes: Iterable[str]) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness import checkpoint as ckpt
 from harness.api import StepState
 from harness.config import resolve
 from harness.errors import UserError
@@ -24,7 +25,7 @@ from harness.train import clip_gradients
 from methods.backbones import ViTShape, create_vit
 from methods.dino import DINO, DINOLoss, interpolate_pos_embed, vit_cls_token
 from methods.heads import DINOHead
-from methods.official import backbone_state_dict, load_checkpoint_file
+from methods.official import backbone_state_dict
 from methods.teacher import teacher_temperature_schedule
 from tests.helpers import read_metrics, write_spec
 
@@ -284,10 +285,10 @@ def test_import_official_round_trips_both_layouts(tmp_path):
             p.add_(1.0)
     full, backbone_only = official_layouts(model)
     torch.save(full, tmp_path / "full.pth")
-    loaded = load_checkpoint_file(tmp_path / "full.pth")  # weights_only=True, Namespace allow-listed
-    for ckpt, key, net in ((loaded, "teacher", model.teacher), (loaded, "student", model.student),
-                           (backbone_only, "teacher", model.teacher)):
-        exp = DINO.import_official(ckpt, model.cfg, checkpoint_key=key)
+    loaded = ckpt.load_external(tmp_path / "full.pth")  # weights_only=True, Namespace allow-listed
+    for release, key, net in ((loaded, "teacher", model.teacher), (loaded, "student", model.student),
+                              (backbone_only, "teacher", model.teacher)):
+        exp = DINO.import_official(release, model.cfg, key)  # as harness.stages calls it
         ref = net.backbone.state_dict()
         assert exp.state_dict.keys() == ref.keys() and all(torch.equal(exp.state_dict[k], ref[k]) for k in ref)
         assert exp.label == model.cfg.shape.label and exp.feature_spec.knn == "cls"
