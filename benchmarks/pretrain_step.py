@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from harness.api import METHODS, Method, StepState  # noqa: E402
 from harness.config import resolve  # noqa: E402
-from harness.train import Schedules, autocast_dtype, clip_gradients  # noqa: E402
+from harness.train import Schedules, autocast_dtype, optimisation_step  # noqa: E402
 
 
 def _random_like(x: Any, gen: torch.Generator) -> Any:
@@ -111,24 +111,9 @@ def bench(method: str, preset: str, batch_size: int, steps: int, warmup: int, de
 
     def step(i: int) -> torch.Tensor:
         s = epoch * ipe + i
-        for g in optimizer.param_groups:
-            g["lr"] = float(sched.lr[s])
-            if g.get("apply_wd", True):
-                g["weight_decay"] = float(sched.wd[s])
         st = StepState(step=s, epoch=epoch, iters_per_epoch=ipe, total_steps=t.epochs * ipe, lr=float(sched.lr[s]),
                        weight_decay=float(sched.wd[s]), momentum=float(sched.momentum[s]))
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(batch, st)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
-        if t.clip_grad:
-            scaler.unscale_(optimizer)
-            clip_gradients(params, t.clip_grad, t.clip_mode)
-        model.on_before_optimizer_step(st)
-        scaler.step(optimizer)
-        scaler.update()
-        model.after_step(st)
-        return out["loss"].detach()
+        return optimisation_step(model, model, optimizer, scaler, t, st, batch, amp)["loss"]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

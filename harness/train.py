@@ -92,6 +92,31 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mode: str)
     torch._foreach_mul_(grads, factors)
 
 
+def optimisation_step(model: Method, forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, t: TrainConfig, state: StepState, batch: Any,
+                      amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One iteration: schedules -> forward under autocast -> backward -> clipping -> the method's
+    pre-step hook -> optimiser -> the method's after-step (EMA). ``forward`` is ``model`` or its DDP
+    wrapper. Returns the detached loss terms; nothing here waits for the device."""
+    for g in optimizer.param_groups:
+        g["lr"] = state.lr
+        if g.get("apply_wd", True):
+            g["weight_decay"] = state.weight_decay
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = forward(batch, state)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    if t.clip_grad:
+        scaler.unscale_(optimizer)
+        clip_gradients([p for p in model.parameters() if p.requires_grad], t.clip_grad, t.clip_mode)
+    model.on_before_optimizer_step(state)
+    scaler.step(optimizer)
+    scaler.update()
+    model.after_step(state)
+    return {k: v.detach().float() for k, v in out.items()}
+
+
 class PretrainRun:
     """One pre-training stage in one process (one rank of a multi-process job)."""
 
@@ -166,30 +191,15 @@ class PretrainRun:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _step(self, batch: Any) -> dict[str, torch.Tensor]:
-        t, s = self.train, self.step
-        for g in self.optimizer.param_groups:
-            g["lr"] = float(self.sched.lr[s])
-            if g.get("apply_wd", True):
-                g["weight_decay"] = float(self.sched.wd[s])
+        s = self.step
+        seed_everything(mix_seed(self.spec.seed, self.dist.rank, s, 0x57E9))
         state = StepState(step=s, epoch=s // self.ipe, iters_per_epoch=self.ipe, total_steps=self.total_steps,
                           lr=float(self.sched.lr[s]), weight_decay=float(self.sched.wd[s]),
                           momentum=float(self.sched.momentum[s]), world_size=self.dist.world_size)
-        seed_everything(mix_seed(self.spec.seed, self.dist.rank, s, 0x57E9))
-        batch = _to_device(batch, self.dist.device)
-        with torch.autocast(self.dist.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.ddp(batch, state)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
-        if t.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            clip_gradients([p for p in self.model.parameters() if p.requires_grad], t.clip_grad, t.clip_mode)
-        self.model.on_before_optimizer_step(state)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.model.after_step(state)
+        out = optimisation_step(self.model, self.ddp, self.optimizer, self.scaler, self.train, state,
+                                _to_device(batch, self.dist.device), self.amp_dtype)
         self.step += 1
-        return {k: v.detach().float() for k, v in out.items()}
+        return out
 
     def run(self, on_progress=None) -> dict[str, Any]:
         t, dist = self.train, self.dist
