@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # timm's ViT kwargs per named size (patch/img size are set by the method config).
 VIT_SIZES = {
@@ -75,3 +77,18 @@ def init_linear_xavier(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """DINO ``VisionTransformer.interpolate_pos_encoding``: bicubic resize of the patch position
+    embeddings to a (grid_h, grid_w) grid, with DINO's scale factor (grid + 0.1) / old_grid (their fix
+    for floating-point rounding, dino issue #8) rather than a target size; the CLS slot is kept."""
+    n = pos_embed.shape[1] - 1
+    if grid_h * grid_w == n and grid_h == grid_w:
+        return pos_embed
+    side, dim = int(math.sqrt(n)), pos_embed.shape[-1]
+    patch = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
+    if patch.shape[-2:] != (grid_h, grid_w):
+        raise RuntimeError(f"position embedding resized to {tuple(patch.shape[-2:])}, expected {(grid_h, grid_w)}")
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)

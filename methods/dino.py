@@ -15,7 +15,6 @@ Algorithm 1 of the paper (facebookresearch/dino ``main_dino.py``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +25,11 @@ from torch import nn
 from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import MultiCropAugmentation
-from methods.backbones import ViTShape, create_vit
+from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
 from methods.heads import DINOHead, cancel_last_layer_grads
 from methods.multicrop import forward_per_resolution
 from methods.official import backbone_state_dict, load_strict
-from methods.teacher import Center, ema_update, sharpen, teacher_temperature_schedule
+from methods.teacher import Center, check_multicrop_distillation, ema_update, sharpen, teacher_temperature_schedule
 
 N_GLOBAL = 2  # DINO always uses two global views; only they go through the teacher
 
@@ -69,21 +68,6 @@ class DINOLoss(nn.Module):
         loss = total / n_terms
         self.center.update(teacher_out)
         return loss
-
-
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """DINO ``VisionTransformer.interpolate_pos_encoding``: bicubic resize of the patch position
-    embeddings to a (grid_h, grid_w) grid, with DINO's scale factor (grid + 0.1) / old_grid (their fix
-    for floating-point rounding, dino issue #8) rather than a target size; the CLS slot is kept."""
-    n = pos_embed.shape[1] - 1
-    if grid_h * grid_w == n and grid_h == grid_w:
-        return pos_embed
-    side, dim = int(math.sqrt(n)), pos_embed.shape[-1]
-    patch = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
-    if patch.shape[-2:] != (grid_h, grid_w):
-        raise RuntimeError(f"position embedding resized to {tuple(patch.shape[-2:])}, expected {(grid_h, grid_w)}")
-    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
 def vit_cls_token(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -134,20 +118,7 @@ class DINOConfig:
     freeze_last_layer: int = 1  # epochs
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "local_size"):
-            if getattr(self, name) % self.patch_size:
-                raise UserError(f"overrides.{name}", f"{getattr(self, name)} is not a multiple of patch_size "
-                                f"{self.patch_size}", "pick crop sizes that tile into patches")
-        if self.local_crops_number < 0:
-            raise UserError("overrides.local_crops_number", f"must be >= 0, got {self.local_crops_number}",
-                            "use 0 to disable multi-crop")
-        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"overrides.{name}", f"must be positive, got {getattr(self, name)}",
-                                "DINO uses 0.04-0.07 for the teacher and 0.1 for the student")
-        if not 0.0 <= self.center_momentum < 1.0:
-            raise UserError("overrides.center_momentum", f"must be in [0, 1), got {self.center_momentum}",
-                            "DINO uses 0.9")
+        check_multicrop_distillation(self, "DINO")
 
     @property
     def shape(self) -> ViTShape:

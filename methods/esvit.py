@@ -44,7 +44,7 @@ from methods.swin import (
     forward_tokens,
     relative_position_index,
 )
-from methods.teacher import Center, ema_update, sharpen, teacher_temperature_schedule
+from methods.teacher import Center, check_multicrop_distillation, ema_update, sharpen, teacher_temperature_schedule
 
 N_GLOBAL = 2  # only the 2 global views go through the teacher
 
@@ -183,20 +183,7 @@ class EsViTConfig:
     def __post_init__(self) -> None:
         if self.swin not in SWIN_SIZES:
             raise UserError("overrides.swin", f"unknown Swin size {self.swin!r}", f"use one of {sorted(SWIN_SIZES)}")
-        for name in ("img_size", "local_size"):
-            if getattr(self, name) % self.patch_size:
-                raise UserError(f"overrides.{name}", f"{getattr(self, name)} is not a multiple of patch_size "
-                                f"{self.patch_size}", "pick crop sizes that tile into patches")
-        if self.local_crops_number < 0:
-            raise UserError("overrides.local_crops_number", f"must be >= 0, got {self.local_crops_number}",
-                            "use 0 to disable multi-crop")
-        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"overrides.{name}", f"must be positive, got {getattr(self, name)}",
-                                "EsViT uses 0.04 -> 0.07 for the teacher and 0.1 for the student")
-        if not 0.0 <= self.center_momentum < 1.0:
-            raise UserError("overrides.center_momentum", f"must be in [0, 1), got {self.center_momentum}",
-                            "EsViT uses 0.9")
+        check_multicrop_distillation(self, "EsViT")
 
     @property
     def shape(self) -> SwinShape:

@@ -15,7 +15,6 @@ Algorithm (bytedance/ibot ``main_ibot.py``; the paper's Algorithm 1 plus multi-c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import MultiCropAugmentation
-from methods.backbones import VIT_SIZES, ViTShape, create_vit
+from methods.backbones import VIT_SIZES, ViTShape, create_vit, interpolate_pos_embed
 from methods.heads import DINOHead, cancel_last_layer_grads
 from methods.masking import MASK_SHAPES, BlockMaskGenerator, MaskedMultiCrop
 from methods.multicrop import forward_per_resolution
@@ -147,22 +146,6 @@ class IBOTHead(DINOHead):
 
 # -- backbone -----------------------------------------------------------------------------------------
 
-def interpolate_pos_encoding(pos_embed: torch.Tensor, n_patches: int, height: int, width: int,
-                             patch_size: int) -> torch.Tensor:
-    """``models/vision_transformer.py`` ``interpolate_pos_encoding``: bicubic resize of the patch
-    position embeddings by scale factor ((h0 + 0.1) / sqrt(N), (w0 + 0.1) / sqrt(N)) (DINO issue #8)."""
-    n = pos_embed.shape[1] - 1
-    if n_patches == n and height == width:
-        return pos_embed
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    dim, side = pos_embed.shape[-1], int(math.sqrt(n))
-    h0, w0 = height // patch_size + 0.1, width // patch_size + 0.1
-    patch_pos = F.interpolate(patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-                              scale_factor=(h0 / side, w0 / side), mode="bicubic")
-    assert (int(h0), int(w0)) == tuple(patch_pos.shape[-2:])
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
-
-
 def encode(vit: nn.Module, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """All final-norm tokens (B, 1 + N, D) of a timm ViT, the iBOT way (``prepare_tokens``):
     patch embedding -> masked patches replaced by ``vit.masked_embed`` -> [CLS] -> position embedding
@@ -175,7 +158,8 @@ def encode(vit: nn.Module, images: torch.Tensor, mask: torch.Tensor | None = Non
             raise ValueError(f"mask of {mask.shape[1]} patches for {x.shape[1]} tokens")
         x = torch.where(mask.unsqueeze(-1), vit.masked_embed.to(x.dtype), x)
     x = torch.cat([vit.cls_token.expand(b, -1, -1), x], dim=1)
-    x = x + interpolate_pos_encoding(vit.pos_embed, x.shape[1] - 1, height, width, vit.patch_embed.patch_size[0])
+    patch = vit.patch_embed.patch_size[0]
+    x = x + interpolate_pos_embed(vit.pos_embed, height // patch, width // patch)
     x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
     return vit.norm(vit.blocks(x))
 

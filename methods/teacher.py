@@ -9,6 +9,26 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.distributed import all_reduce_mean
+from harness.errors import UserError
+
+
+def check_multicrop_distillation(cfg, method: str) -> None:
+    """Checks shared by the DINO-family configs: crops tile into patches, positive temperatures,
+    a center momentum in [0, 1). One-line errors naming the override to fix."""
+    for name in ("img_size", "local_size"):
+        if getattr(cfg, name) % cfg.patch_size:
+            raise UserError(f"overrides.{name}", f"{getattr(cfg, name)} is not a multiple of patch_size "
+                            f"{cfg.patch_size}", "pick crop sizes that tile into patches")
+    if cfg.local_crops_number < 0:
+        raise UserError("overrides.local_crops_number", f"must be >= 0, got {cfg.local_crops_number}",
+                        "use 0 to disable multi-crop")
+    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"overrides.{name}", f"must be positive, got {getattr(cfg, name)}",
+                            f"{method} uses 0.04-0.07 for the teacher and 0.1 for the student")
+    if not 0.0 <= cfg.center_momentum < 1.0:
+        raise UserError("overrides.center_momentum", f"must be in [0, 1), got {cfg.center_momentum}",
+                        f"{method} uses 0.9")
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from harness.records import read_record
 from harness.schedules import cosine_schedule
 from harness.stages import run_stage
 from harness.train import clip_gradients
-from methods.backbones import ViTShape, create_vit
-from methods.dino import DINO, DINOLoss, interpolate_pos_embed, vit_cls_token
+from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
+from methods.dino import DINO, DINOLoss, vit_cls_token
 from methods.heads import DINOHead
 from methods.official import backbone_state_dict
 from methods.teacher import teacher_temperature_schedule

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.layers import get_norm_layer
 from timm.models.swin_transformer import WindowAttention
 
+import harness.export
 import methods.esvit as esvit_module
 from harness.api import StepState
 from harness.checkpoint import load_external
@@ -322,6 +324,39 @@ def test_step_updates_heads_ema_and_freezes_last_layers_in_the_first_epoch():
     assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.student.parameters())
     assert any(p is model.student.backbone.layers[0].blocks[0].attn.relative_position_bias_table
                for p in decay["params"])  # utils.get_params_groups: 2-D, so decayed
+
+
+def test_loss_runs_in_float32_under_16_bit_autocast():
+    model = tiny_esvit()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            out = model.training_step(crops(), state())
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+        out["loss"].backward()
+
+
+def test_export_names_esvits_layernorm_once_the_harness_can_rebuild_it(monkeypatch):
+    """timm's Swin takes norm_layer as a class; an export is JSON. The export asks for "layernorm"
+    (timm LayerNorm, eps 1e-6 as EsViT) only if harness.export.build_timm resolves the name."""
+    plain = harness.export.build_timm
+
+    def resolving(name, kwargs):
+        kwargs = dict(kwargs)
+        if isinstance(kwargs.get("norm_layer"), str):
+            kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
+        return plain(name, kwargs)
+
+    try:
+        monkeypatch.setattr(harness.export, "build_timm", resolving)
+        esvit_module.export_norm_kwargs.cache_clear()
+        exp = tiny_esvit().export_backbone()
+        assert exp.timm_kwargs["norm_layer"] == "layernorm"
+        model = resolving(exp.timm_name, exp.timm_kwargs)
+        model.load_state_dict(exp.state_dict, strict=True)
+        assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    finally:
+        monkeypatch.undo()
+        esvit_module.export_norm_kwargs.cache_clear()
 
 
 def test_view_only_variant_has_no_dense_head_and_uses_dino_loss():

@@ -18,7 +18,8 @@ from harness.matrix import expand
 from harness.records import read_record
 from harness.schedules import cosine_schedule
 from harness.stages import run_stage
-from methods.ibot import IBOT, IBOTHead, IBOTLoss, encode, feature_spec, interpolate_pos_encoding
+from methods.backbones import interpolate_pos_embed
+from methods.ibot import IBOT, IBOTHead, IBOTLoss, encode, feature_spec
 from tests.helpers import write_spec
 
 ROOT = Path(__file__).parent.parent
@@ -152,8 +153,8 @@ def test_local_crops_get_interpolated_position_embeddings():
     model = _tiny()
     vit = model.teacher["backbone"]
     pos = vit.pos_embed
-    assert interpolate_pos_encoding(pos, 64, 32, 32, 4) is pos
-    small = interpolate_pos_encoding(pos, 16, 16, 16, 4)
+    assert interpolate_pos_embed(pos, 8, 8) is pos
+    small = interpolate_pos_embed(pos, 4, 4)
     assert small.shape == (1, 17, pos.shape[-1]) and torch.equal(small[:, 0], pos[:, 0])
     with torch.no_grad():
         assert encode(vit, torch.randn(3, 3, 16, 16)).shape == (3, 17, pos.shape[-1])
