@@ -10,6 +10,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.layers import get_norm_layer
 
 from harness.api import ExportedBackbone, FeatureSpec
 from harness.atomic import write_atomic, write_json
@@ -32,8 +33,12 @@ def save_export(exp: ExportedBackbone, folder: str | Path) -> Path:
 
 
 def build_timm(timm_name: str, timm_kwargs: dict[str, Any]) -> torch.nn.Module:
-    """The timm model an export describes, headless (num_classes=0), never downloading weights."""
-    return timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+    """The timm model an export describes, headless (num_classes=0), never downloading weights.
+    A ``norm_layer`` given by name (JSON cannot hold a class) is resolved through timm's registry."""
+    kwargs = dict(timm_kwargs)
+    if isinstance(kwargs.get("norm_layer"), str):
+        kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
+    return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
 
 
 def load_export(folder: str | Path) -> tuple[torch.nn.Module, FeatureSpec, dict[str, Any]]:
