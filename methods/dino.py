@@ -29,7 +29,14 @@ from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
 from methods.heads import DINOHead, cancel_last_layer_grads
 from methods.multicrop import forward_per_resolution
 from methods.official import backbone_state_dict, load_strict
-from methods.teacher import Center, check_multicrop_distillation, ema_update, sharpen, teacher_temperature_schedule
+from methods.teacher import (
+    Center,
+    MultiCropDistillationConfig,
+    check_multicrop_distillation,
+    ema_update,
+    sharpen,
+    teacher_temperature_schedule,
+)
 
 N_GLOBAL = 2  # DINO always uses two global views; only they go through the teacher
 
@@ -95,27 +102,11 @@ class MultiCropNetwork(nn.Module):
         return self.head(torch.cat(feats))
 
 
-@dataclass(frozen=True)
-class DINOConfig:
+@dataclass(frozen=True, kw_only=True)
+class DINOConfig(MultiCropDistillationConfig):
     vit: str  # ViT size name (methods.backbones.VIT_SIZES)
     img_size: int = 224  # global crops (main_dino.py DataAugmentationDINO)
     patch_size: int = 16
-    local_size: int = 96
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    drop_path_rate: float = 0.1  # student only
-    out_dim: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    norm_last_layer: bool = True
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    freeze_last_layer: int = 1  # epochs
 
     def __post_init__(self) -> None:
         check_multicrop_distillation(self, "DINO")

@@ -44,7 +44,14 @@ from methods.swin import (
     forward_tokens,
     relative_position_index,
 )
-from methods.teacher import Center, check_multicrop_distillation, ema_update, sharpen, teacher_temperature_schedule
+from methods.teacher import (
+    Center,
+    MultiCropDistillationConfig,
+    check_multicrop_distillation,
+    ema_update,
+    sharpen,
+    teacher_temperature_schedule,
+)
 
 N_GLOBAL = 2  # only the 2 global views go through the teacher
 
@@ -156,29 +163,13 @@ class DDINOLoss(nn.Module):
 
 
 # -- configuration -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EsViTConfig:
+@dataclass(frozen=True, kw_only=True)
+class EsViTConfig(MultiCropDistillationConfig):
     swin: str  # methods.swin.SWIN_SIZES: tiny | small | base (| pico, nano: test sizes)
     window_size: int = 7
     img_size: int = 224  # global crops (DataAugmentationDINO: RandomResizedCrop(224))
     patch_size: int = 4
-    local_size: int = 96
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    drop_path_rate: float = 0.1  # student only (get_cls_model: 0 for the teacher)
     use_dense_prediction: bool = True  # False: view-level task only (DINOLoss, no head_dense)
-    out_dim: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    norm_last_layer: bool = True
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    freeze_last_layer: int = 1  # epochs
 
     def __post_init__(self) -> None:
         if self.swin not in SWIN_SIZES:

@@ -3,6 +3,8 @@ centering, teacher temperature schedule, and the cross-entropy to a sharpened te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -10,6 +12,29 @@ from torch.nn import functional as F
 
 from harness.distributed import all_reduce_mean
 from harness.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiCropDistillationConfig:
+    """Settings DINO and EsViT share (defaults: facebookresearch/dino main_dino.py argparse). Each method's
+    config extends it with its backbone fields; presets cite the source of every value they set."""
+
+    local_size: int = 96
+    local_crops_number: int = 8
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    drop_path_rate: float = 0.1  # student only
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    norm_last_layer: bool = True
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    freeze_last_layer: int = 1  # epochs
 
 
 def check_multicrop_distillation(cfg, method: str) -> None:
