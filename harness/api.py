@@ -194,7 +194,9 @@ class Method(nn.Module):
         return set()
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups; by default no weight decay on biases, norms (1-D) and ``no_weight_decay()``."""
+        """AdamW groups over trainable parameters (a frozen EMA teacher is left out): no weight decay on
+        biases, 1-D parameters (norms) and ``no_weight_decay()`` names. With an empty ``no_weight_decay()``
+        this is DINO/iBOT/EsViT's ``utils.get_params_groups`` and MAE's timm ``add_weight_decay``."""
         skip = self.no_weight_decay()
         decay, no_decay = [], []
         for name, p in self.named_parameters():

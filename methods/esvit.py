@@ -349,17 +349,6 @@ class EsViT(Method):
     def after_step(self, state: StepState) -> None:
         ema_update(self.teacher, self.student, state.momentum)
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """``utils.get_params_groups(student)``: no weight decay on biases and 1-D parameters (norms);
-        the relative-position-bias tables and the heads' weight-norm gains keep it."""
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-        return [{"params": decay, "apply_wd": True},
-                {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
-
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
     def _exported(cfg: EsViTConfig, state: dict[str, torch.Tensor]) -> ExportedBackbone:
