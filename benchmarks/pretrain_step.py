@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from harness.api import METHODS, Method, StepState  # noqa: E402
 from harness.config import resolve  # noqa: E402
-from harness.train import Schedules, autocast_dtype, optimisation_step  # noqa: E402
+from harness.train import Schedules, autocast_dtype, optimisation_step, to_device  # noqa: E402
 
 
 def _random_like(x: Any, gen: torch.Generator) -> Any:
@@ -46,16 +46,6 @@ def _random_like(x: Any, gen: torch.Generator) -> Any:
         return type(x)(_random_like(v, gen) for v in x)
     if isinstance(x, dict):
         return {k: _random_like(v, gen) for k, v in x.items()}
-    return x
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
     return x
 
 
@@ -102,7 +92,7 @@ def bench(method: str, preset: str, batch_size: int, steps: int, warmup: int, de
                                   weight_decay=t.weight_decay, fused=fused)
     amp = autocast_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    batch = _to(make_batch(method_cls, cfg, batch_size), device)
+    batch = to_device(make_batch(method_cls, cfg, batch_size), device)
     # Time steps in the middle of training: past the warm-ups and the freeze-last-layer epochs.
     ipe = warmup + steps
     sched = Schedules.build(t, ipe)

@@ -46,13 +46,13 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -197,7 +197,7 @@ class PretrainRun:
                           lr=float(self.sched.lr[s]), weight_decay=float(self.sched.wd[s]),
                           momentum=float(self.sched.momentum[s]), world_size=self.dist.world_size)
         out = optimisation_step(self.model, self.ddp, self.optimizer, self.scaler, self.train, state,
-                                _to_device(batch, self.dist.device), self.amp_dtype)
+                                to_device(batch, self.dist.device), self.amp_dtype)
         self.step += 1
         return out
 

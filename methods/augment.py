@@ -67,5 +67,11 @@ class MultiCropAugmentation:
                                 flip_color, RandomGaussianBlur(0.5), normalize()])
         self.n_local = n_local
 
+    @classmethod
+    def from_config(cls, cfg) -> MultiCropAugmentation:
+        """From a config with DINO's crop fields (img_size, local_size, local_crops_number, scales)."""
+        return cls(cfg.img_size, cfg.local_size, cfg.local_crops_number, cfg.global_crops_scale,
+                   cfg.local_crops_scale)
+
     def __call__(self, img: Image.Image) -> list:
         return [self.global1(img), self.global2(img), *(self.local(img) for _ in range(self.n_local))]

@@ -240,8 +240,7 @@ class DINO(Method):
 
     @classmethod
     def build_transform(cls, cfg: DINOConfig) -> MultiCropAugmentation:
-        return MultiCropAugmentation(cfg.img_size, cfg.local_size, cfg.local_crops_number,
-                                     cfg.global_crops_scale, cfg.local_crops_scale)
+        return MultiCropAugmentation.from_config(cfg)
 
     def training_step(self, batch: list[torch.Tensor], state: StepState) -> dict[str, torch.Tensor]:
         with torch.no_grad():

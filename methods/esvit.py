@@ -327,8 +327,7 @@ class EsViT(Method):
     @classmethod
     def build_transform(cls, cfg: EsViTConfig) -> MultiCropAugmentation:
         # datasets/build.py DataAugmentationDINO (--aug-opt dino_aug) = DINO's multi-crop augmentation.
-        return MultiCropAugmentation(cfg.img_size, cfg.local_size, cfg.local_crops_number,
-                                     cfg.global_crops_scale, cfg.local_crops_scale)
+        return MultiCropAugmentation.from_config(cfg)
 
     def training_step(self, batch: list[torch.Tensor], state: StepState) -> dict[str, torch.Tensor]:
         with torch.no_grad():
