@@ -25,7 +25,9 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0  # lr at the first warm-up step
-    lr_schedule: Literal["cosine", "half_cycle"] = "cosine"  # DINO cosine_scheduler | MAE lr_sched
+    lr_schedule: Literal["cosine", "half_cycle", "timm_cosine", "multistep"] = "cosine"  # DINO | MAE | SimMIM
+    lr_milestones: tuple[float, ...] = ()  # epochs where "multistep" multiplies the lr by lr_gamma
+    lr_gamma: float = 0.1
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # None: constant; else cosine from weight_decay (DINO)
     betas: tuple[float, float] = (0.9, 0.999)

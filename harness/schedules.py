@@ -36,3 +36,39 @@ def half_cycle_schedule(base: float, final: float, epochs: int, iters_per_epoch:
 
 
 SCHEDULES = {"cosine": cosine_schedule, "half_cycle": half_cycle_schedule}
+
+
+def _after_step_updates(values: np.ndarray) -> np.ndarray:
+    """timm ``Scheduler.step_update(g)`` runs after optimiser step g (SimMIM/ROPIM ``train_one_epoch``), so
+    step g uses the value for g - 1; step 0 uses the initial (warm-up start) value."""
+    return np.concatenate([values[:1], values[:-1]])
+
+
+def timm_cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int,
+                         warmup_epochs: float = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """SimMIM/ROPIM ``lr_scheduler.build_scheduler`` "cosine": timm ``CosineLRScheduler(t_initial=all steps,
+    warmup_t, warmup_lr_init, cycle_limit=1, t_in_epochs=False)``. Unlike ``cosine_schedule`` the cosine
+    phase is not shifted by the warm-up: at step t >= warmup it is final + (base - final)(1 + cos(pi t / T)) / 2."""
+    total, warmup = epochs * iters_per_epoch, int(warmup_epochs * iters_per_epoch)
+    t = np.arange(total, dtype=np.float64)
+    values = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / total))
+    if warmup:
+        values[:warmup] = start_warmup + t[:warmup] * (base - start_warmup) / warmup
+    return _after_step_updates(values)
+
+
+def multistep_schedule(base: float, final: float, epochs: int, iters_per_epoch: int,
+                       warmup_epochs: float = 0, start_warmup: float = 0.0,
+                       milestones: tuple[float, ...] = (), gamma: float = 0.1) -> np.ndarray:
+    """SimMIM ``MultiStepLRScheduler`` (ViT-B 800-epoch recipe): linear warm-up from ``start_warmup``, then
+    ``base * gamma ** (number of milestone epochs passed)``; ``final`` is unused."""
+    total, warmup = epochs * iters_per_epoch, int(warmup_epochs * iters_per_epoch)
+    t = np.arange(total, dtype=np.float64)
+    steps = np.array([m * iters_per_epoch for m in milestones], dtype=np.float64)
+    values = base * gamma ** np.searchsorted(steps, t, side="right")
+    if warmup:
+        values[:warmup] = start_warmup + t[:warmup] * (base - start_warmup) / warmup
+    return _after_step_updates(values)
+
+
+SCHEDULES.update(timm_cosine=timm_cosine_schedule, multistep=multistep_schedule)

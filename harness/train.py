@@ -71,7 +71,8 @@ class Schedules:
     @classmethod
     def build(cls, t: TrainConfig, iters_per_epoch: int) -> Schedules:
         lr_fn = SCHEDULES[t.lr_schedule]
-        lr = lr_fn(t.lr, t.min_lr, t.epochs, iters_per_epoch, t.warmup_epochs, t.warmup_lr)
+        steps = {"milestones": t.lr_milestones, "gamma": t.lr_gamma} if t.lr_schedule == "multistep" else {}
+        lr = lr_fn(t.lr, t.min_lr, t.epochs, iters_per_epoch, t.warmup_epochs, t.warmup_lr, **steps)
         wd_end = t.weight_decay if t.weight_decay_end is None else t.weight_decay_end
         wd = cosine_schedule(t.weight_decay, wd_end, t.epochs, iters_per_epoch)
         mom = cosine_schedule(t.momentum_teacher, t.momentum_teacher_end, t.epochs, iters_per_epoch)

@@ -33,3 +33,28 @@ def pretrain_spec(tmp: Path, data_root: Path, overrides: dict[str, Any], seed: i
 def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
     lines = (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def golden(name: str) -> dict[str, Any]:
+    """A fixture of numbers from an official implementation (tests/fixtures/golden/<name>.json)."""
+    return json.loads((Path(__file__).parent / "fixtures" / "golden" / f"{name}.json").read_text())
+
+
+def pretrain_then_knn(tmp: Path, data_root: Path, method: str, overrides: dict[str, Any],
+                      preset: str = "tiny") -> dict[str, Any]:
+    """Pre-train one tiny cell through the spine (matrix -> stage -> export), then run k-NN as its own
+    evaluation stage on the export. Returns the records, losses, export and the cell."""
+    from harness.export import load_export
+    from harness.records import read_record
+    from harness.stages import run_stage
+
+    path = write_spec(tmp / "spec.yaml", data_root, tmp / "runs",
+                      [{"method": method, "preset": preset, "seeds": [0], "evaluations": ["knn"],
+                        "overrides": overrides}])
+    cell = expand(path).cells[0]
+    pre = run_stage(cell.pretrain)
+    backbone, spec, meta = load_export(Path(cell.pretrain.stage_dir) / "export")
+    run_stage(cell.evaluations[0])
+    return {"cell": cell, "pretrain": pre, "losses": [m["loss"] for m in read_metrics(cell.pretrain.stage_dir)],
+            "backbone": backbone, "feature_spec": spec, "meta": meta,
+            "knn": read_record(cell.evaluations[0].stage_dir)}

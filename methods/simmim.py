@@ -1,0 +1,194 @@
+"""SimMIM: A Simple Framework for Masked Image Modeling (Xie et al., CVPR 2022) — ViT variant.
+
+Algorithm (microsoft/SimMIM ``models/simmim.py``, ``data/data_simmim.py``, ``main_simmim.py``):
+  1. one view: RandomResizedCrop(scale 0.67-1) + flip; per image (in the data worker) mask a random
+     ``ceil(0.6 * n)`` of the n mask patches (32x32 pixels), upsampled to the model's patch grid;
+  2. masked patch embeddings are replaced by a learned [MASK] token; BEiT-style ViT (shared relative
+     position bias, layer scale 0.1, no absolute position embedding) encodes all tokens;
+  3. a linear decoder (1x1 conv + PixelShuffle) predicts the normalised pixels;
+  4. loss = L1 on the masked pixels, averaged over masked pixels and channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+
+from harness.api import ExportedBackbone, Method, StepState, preset, register_method
+from harness.errors import UserError
+from methods.augment import normalize
+from methods.backbones import ViTShape
+from methods.beit import PixelDecoder, beit_export, beit_kwargs, create_beit, encode_patch_map, import_beit_encoder
+
+
+class SimMIMMaskGenerator:
+    """``data_simmim.MaskGenerator``: a random ``ceil(count * ratio)`` of the (img/mask_patch)^2 mask patches,
+    drawn with ``np.random.permutation`` and repeated to the (img/patch)^2 model grid (1 = masked)."""
+
+    def __init__(self, img_size: int, mask_patch_size: int, patch_size: int, mask_ratio: float) -> None:
+        self.rand_size = img_size // mask_patch_size
+        self.scale = mask_patch_size // patch_size
+        self.token_count = self.rand_size**2
+        self.mask_count = int(np.ceil(self.token_count * mask_ratio))
+
+    def __call__(self) -> np.ndarray:
+        mask = np.zeros(self.token_count, dtype=int)
+        mask[np.random.permutation(self.token_count)[: self.mask_count]] = 1
+        mask = mask.reshape(self.rand_size, self.rand_size)
+        return mask.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+
+
+def simmim_crop(img_size: int, scale: tuple[float, float]) -> T.Compose:
+    """SimMIM/ROPIM pre-training view: RandomResizedCrop(ratio 3/4-4/3, bilinear) + flip + normalise."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, ratio=(3.0 / 4.0, 4.0 / 3.0)),
+                      T.RandomHorizontalFlip(), normalize()])
+
+
+class SimMIMTransform:
+    """``data_simmim.SimMIMTransform``: (normalised crop, mask on the patch grid), built in the worker."""
+
+    def __init__(self, cfg: SimMIMConfig) -> None:
+        self.crop = simmim_crop(cfg.img_size, cfg.crop_scale)
+        self.masks = SimMIMMaskGenerator(cfg.img_size, cfg.mask_patch_size, cfg.patch_size, cfg.mask_ratio)
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.crop(img), torch.from_numpy(self.masks())
+
+
+def simmim_loss(imgs: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``SimMIM.forward``: L1 on masked pixels / (masked pixels + 1e-5) / channels."""
+    pixel_mask = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+    pixel_mask = pixel_mask.to(rec.dtype)
+    loss = F.l1_loss(imgs, rec, reduction="none")
+    return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / imgs.shape[1]
+
+
+@dataclass(frozen=True)
+class SimMIMConfig:
+    vit: str  # ViT size name (methods.backbones.VIT_SIZES)
+    img_size: int = 224
+    patch_size: int = 16
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    drop_path_rate: float = 0.1
+    layer_scale: float = 0.1
+    crop_scale: tuple[float, float] = (0.67, 1.0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise UserError("overrides.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}",
+                            "SimMIM's paper value is 0.6")
+        if self.img_size % self.mask_patch_size or self.mask_patch_size % self.patch_size:
+            raise UserError("overrides.mask_patch_size", f"img_size {self.img_size}, mask_patch_size "
+                            f"{self.mask_patch_size} and patch_size {self.patch_size} do not nest",
+                            "img_size must be a multiple of mask_patch_size, itself a multiple of patch_size")
+
+    @property
+    def shape(self) -> ViTShape:
+        return ViTShape(self.vit, self.img_size, self.patch_size)
+
+    def beit_kwargs(self) -> dict[str, Any]:
+        return beit_kwargs(self.shape, self.layer_scale, self.drop_path_rate)
+
+
+_CFG = "microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml"
+_DEF = "microsoft/SimMIM config.py"
+_PAPER = "SimMIM paper (arXiv 2111.09886)"
+_COMMON = dict(
+    lr_batch_denom=(512, "microsoft/SimMIM main_simmim.py: linear_scaled_lr = BASE_LR * total batch / 512"),
+    weight_decay=(0.05, f"{_CFG} TRAIN.WEIGHT_DECAY 0.05"),
+    betas=((0.9, 0.999), f"{_DEF} TRAIN.OPTIMIZER.BETAS (0.9, 0.999)"),
+    eps=(1e-8, f"{_DEF} TRAIN.OPTIMIZER.EPS 1e-8"),
+    clip_grad=(5.0, f"{_DEF} TRAIN.CLIP_GRAD 5.0 (global norm)"),
+    clip_mode=("global", "main_simmim.py torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD)"),
+    mask_patch_size=(32, f"{_CFG} DATA.MASK_PATCH_SIZE 32"),
+    mask_ratio=(0.6, f"{_CFG} DATA.MASK_RATIO 0.6"),
+    drop_path_rate=(0.1, f"{_CFG} MODEL.DROP_PATH_RATE 0.1"),
+    layer_scale=(0.1, f"{_DEF} MODEL.VIT.INIT_VALUES 0.1"),
+    crop_scale=((0.67, 1.0), "microsoft/SimMIM data/data_simmim.py SimMIMTransform RandomResizedCrop scale (0.67, 1)"),
+)
+
+
+@register_method("simmim")
+class SimMIM(Method):
+    config_cls = SimMIMConfig
+    presets = {
+        "vit_base": preset(
+            "SimMIM ViT-B/16, 800 epochs at 224 (paper: 83.8 fine-tuned top-1)",
+            vit=("base", f"{_CFG} MODEL.VIT EMBED_DIM 768, DEPTH 12, NUM_HEADS 12"),
+            img_size=(224, f"{_CFG} DATA.IMG_SIZE 224"),
+            patch_size=(16, f"{_DEF} MODEL.VIT.PATCH_SIZE 16"),
+            epochs=(800, f"{_CFG} TRAIN.EPOCHS 800"),
+            batch_size=(2048, f"{_PAPER} §4.1 / README: batch size 2048 for ViT-B"),
+            blr=(1e-4, f"{_CFG} TRAIN.BASE_LR 1e-4 (x batch/512)"),
+            warmup_epochs=(10, f"{_CFG} TRAIN.WARMUP_EPOCHS 10"),
+            warmup_lr=(2e-6, f"{_CFG} TRAIN.WARMUP_LR 5e-7 x 2048/512 (main_simmim.py scales it like the lr)"),
+            min_lr=(2e-5, f"{_DEF} TRAIN.MIN_LR 5e-6 x 2048/512 (unused by the multistep schedule)"),
+            lr_schedule=("multistep", f"{_CFG} LR_SCHEDULER.NAME multistep (lr_scheduler.MultiStepLRScheduler)"),
+            lr_milestones=((700,), f"{_CFG} LR_SCHEDULER.MULTISTEPS [700]"),
+            lr_gamma=(0.1, f"{_CFG} LR_SCHEDULER.GAMMA 0.1"),
+            **_COMMON,
+        ),
+        "tiny": preset(
+            "CPU test recipe on 32x32 images: a 4-block BEiT ViT, 8-px mask patches, few epochs",
+            paper_recipe="vit_base",
+            vit=("pico", "ssl-repro CPU test size"),
+            img_size=(32, "tiny data sets are 32x32"),
+            patch_size=(4, "8x8 grid on 32x32 images"),
+            mask_patch_size=(8, "4x4 mask grid: the paper's 32/16 mask-to-model patch ratio is 2, kept"),
+            epochs=(4, "ssl-repro CPU test length"),
+            batch_size=(64, "ssl-repro CPU test batch"),
+            blr=(2e-3, "20x the paper's blr: a 64-image batch would otherwise barely move in 4 epochs"),
+            warmup_epochs=(1, "scaled down with the epochs"),
+            warmup_lr=(5e-7, f"{_CFG} TRAIN.WARMUP_LR 5e-7"),
+            min_lr=(5e-6, f"{_DEF} TRAIN.MIN_LR 5e-6"),
+            lr_schedule=("timm_cosine", "SimMIM's 100-epoch recipes use cosine; a 7/8 milestone of 4 epochs is moot"),
+            drop_path_rate=(0.0, "4 blocks: stochastic depth only slows a CPU test"),
+            num_workers=(2, "CI machines have 2 cores"),
+            log_every=(5, "ssl-repro CPU test logging"),
+            **{k: v for k, v in _COMMON.items() if k not in {"mask_patch_size", "drop_path_rate"}},
+        ),
+    }
+
+    def __init__(self, cfg: SimMIMConfig, train) -> None:
+        super().__init__(cfg, train)
+        self.encoder = create_beit(cfg.beit_kwargs())
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
+        # VisionTransformerForSimMIM: trunc_normal(std .02) truncated at +-1 std.
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        self.decoder = PixelDecoder(self.encoder.embed_dim, cfg.patch_size)
+
+    @classmethod
+    def build_transform(cls, cfg: SimMIMConfig) -> SimMIMTransform:
+        return SimMIMTransform(cfg)
+
+    def training_step(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:
+        imgs, mask = batch
+
+        def mask_tokens(x: torch.Tensor) -> torch.Tensor:
+            w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+            return x * (1 - w) + self.mask_token.to(x.dtype) * w
+
+        rec = self.decoder(encode_patch_map(self.encoder, imgs, mask_tokens))
+        return {"loss": simmim_loss(imgs, rec.float(), mask, self.cfg.patch_size)}
+
+    def no_weight_decay(self) -> set[str]:
+        # SimMIM.no_weight_decay: the encoder's {pos_embed, cls_token} (no absolute position embedding here).
+        return {"encoder.cls_token"}
+
+    def export_backbone(self) -> ExportedBackbone:
+        return beit_export(self.cfg.beit_kwargs(), self.encoder.state_dict(), self.cfg.shape.label)
+
+    @classmethod
+    def import_official(cls, checkpoint: dict[str, Any], cfg: SimMIMConfig, checkpoint_key: str = "teacher"
+                        ) -> ExportedBackbone:
+        """A SimMIM pre-training checkpoint (``{"model": ...}``, encoder + decoder + mask token); no teacher,
+        so ``checkpoint_key`` is unused."""
+        return import_beit_encoder(checkpoint, cfg.beit_kwargs(), cfg.shape.label, "SimMIM checkpoint",
+                                   drop=("mask_token",))
