@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,32 @@ def save_export(exp: ExportedBackbone, folder: str | Path) -> Path:
     save_file(tensors, str(tmp))
     write_atomic(folder / WEIGHTS, lambda f: f.write(tmp.read_bytes()))
     tmp.unlink()
-    write_json(folder / META, {"timm_name": exp.timm_name, "timm_kwargs": exp.timm_kwargs, "label": exp.label,
-                               "feature_spec": dataclasses.asdict(exp.feature_spec)})
+    meta = {"timm_name": exp.timm_name, "timm_kwargs": exp.timm_kwargs, "label": exp.label,
+            "feature_spec": dataclasses.asdict(exp.feature_spec)}
+    module = registering_module(exp.timm_name)
+    if module:
+        meta["timm_module"] = module
+    write_json(folder / META, meta)
     return folder / WEIGHTS
 
 
-def build_timm(timm_name: str, timm_kwargs: dict[str, Any]) -> torch.nn.Module:
+def registering_module(timm_name: str) -> str | None:
+    """The module that registered ``timm_name`` with timm when it is not one of timm's own models (a
+    method's backbone, e.g. ExtreMA's): exports record it so any process can rebuild the model."""
+    module = timm.models.model_entrypoint(timm_name).__module__
+    return None if module.split(".")[0] == "timm" else module
+
+
+def build_timm(timm_name: str, timm_kwargs: dict[str, Any], timm_module: str | None = None) -> torch.nn.Module:
     """The timm model an export describes, headless (num_classes=0), never downloading weights.
-    A ``norm_layer`` given by name (JSON cannot hold a class) is resolved through timm's registry."""
+    A ``norm_layer`` given by name (JSON cannot hold a class) is resolved through timm's registry;
+    ``timm_module`` (recorded by ``save_export``) is imported first so that it registers ``timm_name``."""
+    if timm_module:
+        try:
+            importlib.import_module(timm_module)
+        except ImportError as e:
+            raise UserError("checkpoint", f"the export's architecture module {timm_module!r} cannot be imported "
+                            f"({e})", "install the package that defines it") from None
     kwargs = dict(timm_kwargs)
     if isinstance(kwargs.get("norm_layer"), str):
         kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
@@ -47,7 +66,7 @@ def load_export(folder: str | Path) -> tuple[torch.nn.Module, FeatureSpec, dict[
         raise UserError("checkpoint", f"no exported backbone in {str(folder)!r}",
                         "run (or re-run) the pre-training stage that writes it")
     meta = json.loads((folder / META).read_text())
-    model = build_timm(meta["timm_name"], meta["timm_kwargs"])
+    model = build_timm(meta["timm_name"], meta["timm_kwargs"], meta.get("timm_module"))
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:

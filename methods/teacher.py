@@ -56,6 +56,15 @@ def check_multicrop_distillation(cfg, method: str) -> None:
                         f"{method} uses 0.9")
 
 
+def frozen_copy(teacher: nn.Module, student: nn.Module, strict: bool = True) -> nn.Module:
+    """The momentum teacher at initialisation: ``teacher`` (built like the student, without drop-path) gets
+    the student's weights and never receives gradients. ``strict=False`` when the student has extra parts
+    the teacher lacks (iBOT's [MASK] embedding)."""
+    teacher.load_state_dict(student.state_dict(), strict=strict)
+    teacher.requires_grad_(False)
+    return teacher
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, over parameters both have (iBOT ``names_common``)."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from harness.matrix import expand
@@ -58,3 +59,18 @@ def pretrain_then_knn(tmp: Path, data_root: Path, method: str, overrides: dict[s
     return {"cell": cell, "pretrain": pre, "losses": [m["loss"] for m in read_metrics(cell.pretrain.stage_dir)],
             "backbone": backbone, "feature_spec": spec, "meta": meta,
             "knn": read_record(cell.evaluations[0].stage_dir)}
+
+
+def wave(shape, a: float, b: float) -> torch.Tensor:
+    """The fixtures' deterministic inputs: sin(a * arange(numel) + b) in float64, cast to float32."""
+    n = torch.Size(shape).numel()
+    return torch.sin(a * torch.arange(n, dtype=torch.float64) + b).float().reshape(shape)
+
+
+def formula_weights(module: torch.nn.Module) -> None:
+    """The fixtures' deterministic weights: parameter j (sorted names) = 0.05 sin(0.37 arange + j)."""
+    with torch.no_grad():
+        for j, (name, p) in enumerate(sorted(module.named_parameters())):
+            if "gamma" in name or name == "pos_embed":
+                continue
+            p.copy_((0.05 * torch.sin(0.37 * torch.arange(p.numel(), dtype=torch.float64) + j)).reshape(p.shape))
