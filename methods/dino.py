@@ -22,18 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
+from harness.api import ExportedBackbone, FeatureSpec, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import MultiCropAugmentation
 from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
-from methods.heads import DINOHead, cancel_last_layer_grads
+from methods.heads import DINOHead
 from methods.multicrop import forward_per_resolution
 from methods.official import backbone_state_dict, load_strict
 from methods.teacher import (
     Center,
+    MomentumTeacherMethod,
     MultiCropDistillationConfig,
     check_multicrop_distillation,
-    ema_update,
     sharpen,
     teacher_temperature_schedule,
 )
@@ -155,7 +155,7 @@ _COMMON = dict(
 
 
 @register_method("dino")
-class DINO(Method):
+class DINO(MomentumTeacherMethod):
     config_cls = DINOConfig
     presets = {
         "vit_small": preset(
@@ -220,10 +220,7 @@ class DINO(Method):
             raise UserError("overrides.warmup_teacher_temp_epochs", f"{cfg.warmup_teacher_temp_epochs} exceeds "
                             f"epochs={train.epochs}", "lower warmup_teacher_temp_epochs or raise epochs")
         self.student = self._network(cfg, cfg.drop_path_rate, cfg.norm_last_layer)
-        self.teacher = self._network(cfg, 0.0, True)  # main_dino.py: teacher without drop-path
-        # Teacher and student start with the same weights; the teacher never gets gradients.
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        self.init_teacher(self._network(cfg, 0.0, True))  # main_dino.py: teacher without drop-path
         self.loss = DINOLoss(cfg.out_dim, cfg.n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                              cfg.warmup_teacher_temp_epochs, train.epochs, cfg.student_temp, cfg.center_momentum)
 
@@ -249,13 +246,6 @@ class DINO(Method):
         loss = self.loss(student_out.float(), teacher_out.float(), state.epoch)
         return {"loss": loss}
 
-    def on_before_optimizer_step(self, state: StepState) -> None:
-        cancel_last_layer_grads(self.student, state.epoch, self.cfg.freeze_last_layer)
-
-    @torch.no_grad()
-    def after_step(self, state: StepState) -> None:
-        ema_update(self.teacher, self.student, state.momentum)
-
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
     def _feature_spec(cfg: DINOConfig) -> FeatureSpec:
@@ -275,8 +265,7 @@ class DINO(Method):
 
     def export_backbone(self) -> ExportedBackbone:
         """The teacher's backbone (eval_knn.py / eval_linear.py --checkpoint_key teacher)."""
-        state = {k: v.detach().clone() for k, v in self.teacher.backbone.state_dict().items()}
-        return self._exported(self.cfg, state)
+        return self._exported(self.cfg, self.teacher_backbone_state())
 
     @classmethod
     def import_official(cls, checkpoint: dict[str, Any], cfg: DINOConfig,

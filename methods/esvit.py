@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
-from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
+from harness.api import ExportedBackbone, FeatureSpec, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import MultiCropAugmentation
 from methods.dino import DINOLoss
-from methods.heads import DINOHead, cancel_last_layer_grads
+from methods.heads import DINOHead
 from methods.official import backbone_state_dict, load_strict
 from methods.swin import (
     LN_EPS,
@@ -46,9 +46,9 @@ from methods.swin import (
 )
 from methods.teacher import (
     Center,
+    MomentumTeacherMethod,
     MultiCropDistillationConfig,
     check_multicrop_distillation,
-    ema_update,
     sharpen,
     teacher_temperature_schedule,
 )
@@ -303,7 +303,7 @@ def _tiny_preset(dense: bool = True):
 
 # -- the method --------------------------------------------------------------------------------------
 @register_method("esvit")
-class EsViT(Method):
+class EsViT(MomentumTeacherMethod):
     config_cls = EsViTConfig
     presets = {
         **{f"swin_{size}_w{w}": _paper_preset(size, w) for w in (7, 14) for size in ("tiny", "small", "base")},
@@ -316,10 +316,8 @@ class EsViT(Method):
             raise UserError("overrides.warmup_teacher_temp_epochs", f"{cfg.warmup_teacher_temp_epochs} exceeds "
                             f"epochs={train.epochs}", "lower warmup_teacher_temp_epochs or raise epochs")
         self.student = MultiCropSwin(cfg.shape, cfg.drop_path_rate, cfg, cfg.norm_last_layer)
-        self.teacher = MultiCropSwin(cfg.shape, 0.0, cfg, norm_last_layer=True)  # get_cls_model(is_teacher=True)
-        # main_esvit.py: teacher_without_ddp.load_state_dict(student.module.state_dict()); no gradients.
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        # get_cls_model(is_teacher=True); main_esvit.py: teacher_without_ddp.load_state_dict(student...).
+        self.init_teacher(MultiCropSwin(cfg.shape, 0.0, cfg, norm_last_layer=True))
         loss_cls = DDINOLoss if cfg.use_dense_prediction else DINOLoss
         self.loss = loss_cls(cfg.out_dim, cfg.n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                              cfg.warmup_teacher_temp_epochs, train.epochs, cfg.student_temp, cfg.center_momentum)
@@ -340,13 +338,7 @@ class EsViT(Method):
                 return {"loss": self.loss(student_out.view.float(), teacher_out.view.float(), state.epoch)}
             return self.loss(_float(student_out), _float(teacher_out), state.epoch)
 
-    def on_before_optimizer_step(self, state: StepState) -> None:
-        # utils.cancel_gradients_last_layer(epoch, student, freeze_last_layer): head and head_dense.
-        cancel_last_layer_grads(self.student, state.epoch, self.cfg.freeze_last_layer)
-
-    @torch.no_grad()
-    def after_step(self, state: StepState) -> None:
-        ema_update(self.teacher, self.student, state.momentum)
+    # on_before_optimizer_step (base class): utils.cancel_gradients_last_layer freezes head and head_dense.
 
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
@@ -365,8 +357,7 @@ class EsViT(Method):
 
     def export_backbone(self) -> ExportedBackbone:
         """The teacher's backbone (README: eval_knn.py / eval_linear.py --checkpoint_key teacher)."""
-        state = {k: v.detach().clone() for k, v in self.teacher.backbone.state_dict().items()}
-        return self._exported(self.cfg, state)
+        return self._exported(self.cfg, self.teacher_backbone_state())
 
     @classmethod
     def import_official(cls, checkpoint: dict[str, Any], cfg: EsViTConfig,

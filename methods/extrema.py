@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
+from harness.api import ExportedBackbone, FeatureSpec, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import normalize
 from methods.backbones import VIT_SIZES, ViTShape, init_linear_xavier
 from methods.cait import TIMM_NAME, ClassAttentionViT
 from methods.official import backbone_state_dict, load_strict
-from methods.teacher import ema_update, frozen_copy
+from methods.teacher import MomentumTeacherMethod
 
 
 def view_size(tokens: int, mask_ratio: float) -> int:
@@ -172,7 +172,7 @@ _COLOR = (True, f"{_README}: --aug-spatialconsistent-color")
 
 
 @register_method("extrema")
-class ExtreMA(Method):
+class ExtreMA(MomentumTeacherMethod):
     config_cls = ExtreMAConfig
     presets = {
         "vit_base": preset("ExtreMA ViT-B/16, 300 epochs, 80% x 5 masks, colour aug (README: linear 73.3, FT 83.7)",
@@ -207,11 +207,15 @@ class ExtreMA(Method):
         ),
     }
 
+    ema_after_step = False  # ExtreMA.forward updates the momentum encoder itself, before encoding x2
+
     def __init__(self, cfg: ExtreMAConfig, train) -> None:
         super().__init__(cfg, train)
-        self.online = encoder(cfg, cfg.drop_path_rate)
+        # student = the online ``base_encoder``, teacher = the ``momentum_encoder`` (main.py builds it
+        # without drop-path).
+        self.student = encoder(cfg, cfg.drop_path_rate)
         self.predictor = mlp(2, cfg.proj_dim, cfg.mlp_dim, cfg.proj_dim)
-        self.momentum = frozen_copy(encoder(cfg, 0.0), self.online)
+        self.init_teacher(encoder(cfg, 0.0))
 
     @classmethod
     def build_transform(cls, cfg: ExtreMAConfig) -> ExtreMATransform:
@@ -219,16 +223,15 @@ class ExtreMA(Method):
 
     def training_step(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:
         x1, x2, keep = batch
-        q = self.predictor(self.online(x1, list(keep.unbind(1))))
+        q = self.predictor(self.student(x1, list(keep.unbind(1))))
         with torch.no_grad():
-            # ExtreMA.forward: the momentum encoder is updated first, then encodes the unmasked view.
-            ema_update(self.momentum, self.online, state.momentum)
-            k = self.momentum(x2)
+            self.ema_step(state)  # ExtreMA.forward: update the momentum encoder, then encode the unmasked view
+            k = self.teacher(x2)
         return {"loss": extrema_loss(q.float(), k.float(), self.cfg.num_masks)}
 
     def no_weight_decay(self) -> set[str]:
         # main.py add_weight_decay(skip=model.no_weight_decay()): the encoder's pos_embed (frozen) and cls_token.
-        return {"online.cls_token"}
+        return {"student.cls_token"}
 
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
@@ -242,10 +245,10 @@ class ExtreMA(Method):
                                 label=cfg.shape.label)
 
     def export_backbone(self) -> ExportedBackbone:
-        """The momentum encoder's backbone: the README's linear probe runs ``main_lincls.py --eval_momentum``.
-        (Its fine-tuning command reads ``base_encoder``; ``import_official(checkpoint_key="student")`` gives
-        that one from a released checkpoint.)"""
-        return self._exported(self.cfg, self.momentum.state_dict())
+        """The momentum encoder without its projector: the README's linear probe runs ``main_lincls.py
+        --eval_momentum``. (Its fine-tuning command reads ``base_encoder``; ``import_official(checkpoint_key=
+        "student")`` gives that one from a released checkpoint.)"""
+        return self._exported(self.cfg, self.teacher.state_dict())
 
     @classmethod
     def import_official(cls, checkpoint: dict[str, Any], cfg: ExtreMAConfig, checkpoint_key: str = "teacher"

@@ -23,15 +23,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from harness.api import ExportedBackbone, FeatureSpec, Method, StepState, preset, register_method
+from harness.api import ExportedBackbone, FeatureSpec, StepState, preset, register_method
 from harness.errors import UserError
 from methods.augment import MultiCropAugmentation
 from methods.backbones import VIT_SIZES, ViTShape, create_vit, interpolate_pos_embed
-from methods.heads import DINOHead, cancel_last_layer_grads
+from methods.heads import DINOHead
 from methods.masking import MASK_SHAPES, BlockMaskGenerator, MaskedMultiCrop
 from methods.multicrop import forward_per_resolution
 from methods.official import backbone_state_dict, load_strict
-from methods.teacher import Center, ema_update, teacher_temperature_schedule
+from methods.teacher import Center, MomentumTeacherMethod, teacher_temperature_schedule
 
 N_GLOBAL = 2  # main_ibot.py --global_crops_number default; the loss and the masks assume two
 
@@ -333,7 +333,7 @@ _TINY = "ssl-repro CPU test"
 
 
 @register_method("ibot")
-class IBOT(Method):
+class IBOT(MomentumTeacherMethod):
     config_cls = IBOTConfig
     presets = {
         "vit_small": preset("iBOT ViT-S/16, 800 epochs (README recipe; k-NN 75.2, linear 77.9)", **_SMALL),
@@ -387,13 +387,11 @@ class IBOT(Method):
         })
         # Teacher: no drop-path, no [MASK] embedding; its head is shared (--shared_head_teacher) and keeps
         # norm_last_layer's default. It starts as the student (load_state_dict(strict=False), as official).
-        self.teacher = nn.ModuleDict({
+        self.init_teacher(nn.ModuleDict({
             "backbone": _ibot_vit(shape),
             "head": IBOTHead(dim, cfg.out_dim, patch_out_dim=cfg.patch_out_dim, shared_head=cfg.shared_head_teacher,
                              **head),
-        })
-        self.teacher.load_state_dict(self.student.state_dict(), strict=False)
-        self.teacher.requires_grad_(False)
+        }), strict=False)
 
         self.ibot_loss = IBOTLoss(
             cfg.out_dim, cfg.loss_patch_dim, N_GLOBAL, cfg.local_crops_number,
@@ -422,19 +420,11 @@ class IBOT(Method):
             student_local_cls = student_head(torch.cat(cls_tokens))
         return self.ibot_loss(student_output, teacher_output, student_local_cls, list(masks[:N_GLOBAL]), state.epoch)
 
-    def on_before_optimizer_step(self, state: StepState) -> None:
-        cancel_last_layer_grads(self.student, state.epoch, self.cfg.freeze_last_layer)
-
-    @torch.no_grad()
-    def after_step(self, state: StepState) -> None:
-        ema_update(self.teacher, self.student, state.momentum)
-
     # param_groups: the base class's rule is utils.get_params_groups (no decay on biases and 1-D
     # tensors; masked_embed, cls_token, pos_embed and weight-norm gains are decayed, as official).
 
     def export_backbone(self) -> ExportedBackbone:
-        state = {k: v.detach().clone() for k, v in self.teacher["backbone"].state_dict().items()}
-        return self._exported(self.cfg, state)
+        return self._exported(self.cfg, self.teacher_backbone_state())
 
     @classmethod
     def _exported(cls, cfg: IBOTConfig, state: dict[str, torch.Tensor]) -> ExportedBackbone:

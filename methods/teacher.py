@@ -1,17 +1,21 @@
-"""Pieces of the student/teacher self-distillation family (DINO, iBOT, EsViT): EMA teacher,
-centering, teacher temperature schedule, and the cross-entropy to a sharpened teacher."""
+"""Pieces of the student/teacher family (DINO, iBOT, EsViT, ExtreMA): the momentum-teacher base class
+(teacher copy and freeze, EMA step, last-layer freeze, teacher export), centering, the teacher
+temperature schedule, and the cross-entropy to a sharpened teacher."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.api import Method, StepState
 from harness.distributed import all_reduce_mean
 from harness.errors import UserError
+from methods.heads import cancel_last_layer_grads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +67,42 @@ def frozen_copy(teacher: nn.Module, student: nn.Module, strict: bool = True) -> 
     teacher.load_state_dict(student.state_dict(), strict=strict)
     teacher.requires_grad_(False)
     return teacher
+
+
+class MomentumTeacherMethod(Method):
+    """A student trained by gradient and a frozen teacher that follows it by EMA.
+
+    Subclasses build ``self.student`` and pass a teacher built like it (without drop-path) to
+    ``init_teacher``. After each optimiser step the teacher moves towards the student with the step's
+    momentum, unless ``ema_after_step`` is False (ExtreMA calls ``ema_step`` inside its step, before the
+    teacher's forward). A config with ``freeze_last_layer`` (epochs) keeps the student's ``last_layer``
+    gradients at None that long. Exports read ``teacher_backbone()``.
+    """
+
+    ema_after_step: ClassVar[bool] = True
+
+    def init_teacher(self, teacher: nn.Module, strict: bool = True) -> None:
+        self.teacher = frozen_copy(teacher, self.student, strict)
+
+    @torch.no_grad()
+    def ema_step(self, state: StepState) -> None:
+        ema_update(self.teacher, self.student, state.momentum)
+
+    def on_before_optimizer_step(self, state: StepState) -> None:
+        freeze_epochs = getattr(self.cfg, "freeze_last_layer", 0)
+        if freeze_epochs:
+            cancel_last_layer_grads(self.student, state.epoch, freeze_epochs)
+
+    @torch.no_grad()
+    def after_step(self, state: StepState) -> None:
+        if self.ema_after_step:
+            self.ema_step(state)
+
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def teacher_backbone_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.teacher_backbone().state_dict().items()}
 
 
 @torch.no_grad()

@@ -87,17 +87,17 @@ def _state(momentum):
 def test_momentum_encoder_is_updated_before_it_encodes_and_gets_no_gradient():
     model = _tiny()
     with torch.no_grad():  # make the two encoders differ
-        for p in model.online.parameters():
+        for p in model.student.parameters():
             p.add_(0.01)
-    online = {k: v.clone() for k, v in model.online.state_dict().items()}
+    online = {k: v.clone() for k, v in model.student.state_dict().items()}
     seen = {}
-    model.momentum.register_forward_pre_hook(lambda mod, args: seen.update(
+    model.teacher.register_forward_pre_hook(lambda mod, args: seen.update(
         {k: v.clone() for k, v in mod.state_dict().items()}))
     out = model.training_step(_batch(model), _state(0.0))  # m = 0: the momentum encoder becomes the online one
     assert all(torch.equal(seen[k], online[k]) for k in online)
     out["loss"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.momentum.parameters())
-    assert model.online.blocks[0].attn.qkv.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert model.student.blocks[0].attn.qkv.weight.grad is not None
 
 
 def test_loss_reads_the_masked_online_view_against_the_unmasked_momentum_view():
@@ -105,8 +105,8 @@ def test_loss_reads_the_masked_online_view_against_the_unmasked_momentum_view():
     x1, x2, keep = _batch(model)
     loss = model.training_step([x1, x2, keep], _state(1.0))["loss"]
     with torch.no_grad():
-        q = model.predictor(model.online(x1, list(keep.unbind(1))))
-        k = model.momentum(x2)
+        q = model.predictor(model.student(x1, list(keep.unbind(1))))
+        k = model.teacher(x2)
     assert torch.allclose(loss, extrema_loss(q, k, model.cfg.num_masks), atol=1e-6)
 
 
@@ -135,7 +135,7 @@ def test_export_rebuilds_in_a_fresh_process_that_never_imported_the_method(tmp_p
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
-        expected = model.momentum.eval().forward_features(x)
+        expected = model.teacher.eval().forward_features(x)
     code = ("import sys, torch; from harness.export import load_export; "
             f"m, spec, _ = load_export({str(tmp_path / 'export')!r}); "
             "assert 'methods.extrema' not in sys.modules; "
@@ -150,13 +150,13 @@ def test_export_rebuilds_in_a_fresh_process_that_never_imported_the_method(tmp_p
 def test_import_official_picks_the_branch_and_is_strict():
     model = _tiny()
     with torch.no_grad():
-        for p in model.online.parameters():
+        for p in model.student.parameters():
             p.add_(0.5)
-    state = {f"module.base_encoder.{k}": v for k, v in model.online.state_dict().items()}
-    state |= {f"module.momentum_encoder.{k}": v for k, v in model.momentum.state_dict().items()}
+    state = {f"module.base_encoder.{k}": v for k, v in model.student.state_dict().items()}
+    state |= {f"module.momentum_encoder.{k}": v for k, v in model.teacher.state_dict().items()}
     state |= {f"module.predictor.{k}": v for k, v in model.predictor.state_dict().items()}
     ckpt = {"state_dict": state, "epoch": 3}
-    for key, net in (("teacher", model.momentum), ("student", model.online)):
+    for key, net in (("teacher", model.teacher), ("student", model.student)):
         exp = ExtreMA.import_official(ckpt, model.cfg, key)
         ref = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
         assert exp.timm_name == "extrema_vit" and all(torch.equal(exp.state_dict[k], ref[k]) for k in ref)
