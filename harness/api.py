@@ -211,6 +211,13 @@ class Method(nn.Module):
             {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
         ]
 
+    @classmethod
+    def backbone_label(cls, cfg: Any) -> str:
+        """The backbone's name in reports and cell listings (e.g. "ViT-B/16"). Methods override it when their
+        config has no ``shape`` with a ``label``."""
+        shape = getattr(cfg, "shape", None)
+        return shape.label if shape is not None else str(getattr(cfg, "backbone", "?"))
+
     def export_backbone(self) -> ExportedBackbone:
         raise NotImplementedError
 

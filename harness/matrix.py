@@ -209,8 +209,7 @@ def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, eval
     pre_root = str(data["pretrain"])
     cell_id = digest({"v": CODE_VERSION, "method": method_cls.name, "config": identity_config(flat), "seed": seed,
                       "data": pre_root, **({"import": imported} if imported else {})})
-    shape = getattr(method_cfg, "shape", None)
-    backbone = shape.label if shape is not None else str(flat.get("backbone", "?"))
+    backbone = method_cls.backbone_label(method_cfg)
     paper_recipe, devs = recipe_deviations(method_cls, preset_name, flat)
     if imported:  # released weights: the paper's own run, so nothing deviates from its recipe
         devs = {}

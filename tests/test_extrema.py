@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness.api import StepState
+from harness.api import METHODS, StepState
 from harness.config import resolve
 from harness.errors import UserError
 from harness.export import save_export
 from harness.schedules import cosine_schedule, half_cycle_schedule
 from methods.cait import ClassAttentionViT
 from methods.extrema import ExtreMA, byol_loss, disjoint_keep, extrema_loss, view_size
+from reports.paper import load_paper_numbers
 from tests.helpers import formula_weights, golden, pretrain_then_knn, wave
 
 TOL = 1e-5
@@ -119,12 +120,17 @@ def test_config_errors_are_one_line():
 
 
 def test_presets_cite_sources_and_the_readme_recipes():
-    for name, (ratio, n, color) in {"vit_base": (0.8, 5, True), "vit_base_nocolor": (0.8, 5, False),
-                                    "vit_base_m90x8": (0.9, 8, True)}.items():
-        train, cfg, _ = resolve(ExtreMA, name, {})
+    for name, (ratio, n, color) in {"extrema": (0.8, 5, True), "extrema-nocolor": (0.8, 5, False),
+                                    "extrema-m90x8": (0.9, 8, True)}.items():
+        cls = METHODS.get(name)
+        train, cfg, _ = resolve(cls, "vit_base", {})
         assert (cfg.mask_ratio, cfg.num_masks, cfg.color_aug, train.epochs, train.warmup_epochs) == (
             ratio, n, color, 300, 40)
-        assert all(v.source for v in ExtreMA.presets[name].values.values())
+        assert all(v.source for p in cls.presets.values() for v in p.values.values())
+        resolve(cls, "tiny", {})
+    paper = load_paper_numbers()
+    assert {"extrema", "extrema-nocolor", "extrema-m90x8"} <= set(paper.method)
+    assert not paper[paper.method == "ropim"].verified.any()  # no ROPIM number could be read anywhere
 
 
 def test_export_rebuilds_in_a_fresh_process_that_never_imported_the_method(tmp_path):
