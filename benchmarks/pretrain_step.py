@@ -121,7 +121,7 @@ def bench(method: str, preset: str, batch_size: int, steps: int, warmup: int, de
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_max_rss"
     final = float(losses[-1])
-    return {"method": method, "preset": preset, "backbone": getattr(getattr(cfg, "shape", None), "label", "?"),
+    return {"method": method, "preset": preset, "backbone": method_cls.backbone_label(cfg),
             "batch_size": batch_size, "device": str(device), "precision": str(amp).replace("torch.", "") if amp
             else "fp32", "steps": steps, "seconds": elapsed, "img_per_s": batch_size * steps / elapsed,
             "ms_per_step": 1000 * elapsed / steps, "peak_mem_mb": peak, "peak_mem_kind": kind,

@@ -64,18 +64,19 @@ class CountSketch:
         h = torch.cat([torch.randperm(self.buckets) for _ in range(reps)])
         signs = [-1, 1] * (self.tokens // 2)
         random.shuffle(signs)
-        return h, torch.tensor(signs, dtype=torch.float32)
+        return h, torch.tensor(signs, dtype=torch.int8)  # +-1: a byte each through the loader
 
 
-def sketch_matrix(h: torch.Tensor, s: torch.Tensor, buckets: int) -> torch.Tensor:
+def sketch_matrix(h: torch.Tensor, s: torch.Tensor, buckets: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """S (B, L, d') with S[b, i, h_bi] = s_bi (``create_s_dense``)."""
-    out = torch.zeros(*h.shape, buckets, dtype=s.dtype, device=s.device)
-    return out.scatter_(-1, h.long().unsqueeze(-1), s.unsqueeze(-1))
+    out = torch.zeros(*h.shape, buckets, dtype=dtype, device=s.device)
+    return out.scatter_(-1, h.long().unsqueeze(-1), s.unsqueeze(-1).to(dtype))
 
 
-def projection(h: torch.Tensor, s: torch.Tensor, buckets: int, rho: float) -> torch.Tensor:
+def projection(h: torch.Tensor, s: torch.Tensor, buckets: int, rho: float,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """P = rho * S S^T (B, L, L), the matrix the official transform returns."""
-    sk = sketch_matrix(h, s, buckets)
+    sk = sketch_matrix(h, s, buckets, dtype)
     return rho * sk @ sk.transpose(-1, -2)
 
 
