@@ -65,12 +65,13 @@ class PixelDecoder(nn.Sequential):
 
 def beit_export(kwargs: dict[str, Any], state: Mapping[str, torch.Tensor], label: str) -> ExportedBackbone:
     # Fine-tuning (SimMIM/ROPIM main_finetune.py, BEiT code): relative position bias, mean pooling.
-    # The k-NN and linear probes read the final-norm CLS token, as for the other ViTs.
+    # Probes mean-pool the patch tokens too (SimMIM's and BEiT's linear probing): no loss ever reaches the
+    # final [CLS] output of these encoders (the decoder reads patch tokens only).
     return ExportedBackbone(
         timm_name=BEIT_TIMM_NAME,
         timm_kwargs=dict(kwargs) | {"drop_path_rate": 0.0},
         state_dict={k: v.detach().clone() for k, v in state.items()},
-        feature_spec=FeatureSpec(knn="cls", linear="cls", linear_n_last_blocks=1, finetune="avg"),
+        feature_spec=FeatureSpec(knn="avg", linear="avg", linear_n_last_blocks=1, finetune="avg"),
         label=label,
     )
 
