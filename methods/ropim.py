@@ -182,9 +182,9 @@ def _recipe(cfg: str, vit: str, dims: str, epochs: int, blr: float, batch: int =
 class ROPIM(Method):
     config_cls = ROPIMConfig
     presets = {
-        "vit_base": preset("ROPIM ViT-B/16, 300 epochs (paper numbers unverified)",
+        "vit_base": preset("ROPIM ViT-B/16, 300 epochs (no paper number could be read)",
                            **_recipe(_CFG_B, "base", "EMBED_DIM 768, DEPTH 12, NUM_HEADS 12", 300, 1.5e-4)),
-        "vit_small": preset("ROPIM ViT-S/16, 300 epochs (paper numbers unverified)",
+        "vit_small": preset("ROPIM ViT-S/16, 300 epochs (no paper number could be read)",
                             **_recipe(_CFG_S, "small", "EMBED_DIM 384, DEPTH 12, NUM_HEADS 6", 300, 1.5e-4)),
         "vit_tiny_in100": preset("ROPIM ViT-T/16 on ImageNet-100, 800 epochs (give ImageNet-100 as the pretrain data)",
                                  **_recipe(_CFG_T, "tiny", "EMBED_DIM 192, DEPTH 12, NUM_HEADS 3", 800, 1e-3)),
