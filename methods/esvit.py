@@ -348,6 +348,9 @@ class EsViT(Method):
     def after_step(self, state: StepState) -> None:
         ema_update(self.teacher, self.student, state.momentum)
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        return {"teacher/momentum": state.momentum, "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
+
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
     def _exported(cfg: EsViTConfig, state: dict[str, torch.Tensor]) -> ExportedBackbone:

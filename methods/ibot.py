@@ -429,6 +429,11 @@ class IBOT(Method):
     def after_step(self, state: StepState) -> None:
         ema_update(self.teacher, self.student, state.momentum)
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        return {"teacher/momentum": state.momentum,
+                "teacher/temperature": float(self.ibot_loss.teacher_temp_schedule[state.epoch]),
+                "teacher/patch_temperature": float(self.ibot_loss.teacher_temp2_schedule[state.epoch])}
+
     # param_groups: the base class's rule is utils.get_params_groups (no decay on biases and 1-D
     # tensors; masked_embed, cls_token, pos_embed and weight-norm gains are decayed, as official).
 
