@@ -15,6 +15,7 @@ A spec::
     resources:
       pretrain: {gpus_per_node: 1, timeout_min: 60}
       eval: {gpus_per_node: 1, timeout_min: 30}
+    snapshot: true                     # optional: jobs run a frozen copy of the code (default: SLURM only)
 """
 
 from __future__ import annotations

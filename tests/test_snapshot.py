@@ -150,3 +150,24 @@ def test_reports_import_no_torch_and_of_the_harness_only_atomic_writes():
     code = "import sys, reports; print(sorted(m for m in sys.modules if m.split('.')[0] in ('harness', 'torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['harness', 'harness.atomic']"
+
+
+def test_an_editable_plugin_is_snapshotted_and_imported_from_the_snapshot(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "outside_pkg").mkdir(parents=True)
+    (site / "outside_pkg" / "__init__.py").write_text("VALUE = 1\n")
+    dist = site / "outside_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ssl_repro.methods]\noutside = outside_pkg\n")
+    (dist / "direct_url.json").write_text(json.dumps({"url": site.as_uri(), "dir_info": {"editable": True}}))
+    monkeypatch.syspath_prepend(str(site))
+    state = code_state()
+    assert [t.name for t in state.trees] == ["ssl-repro", "plugins/outside-pkg"]
+    assert state.trees[1].files == ("outside_pkg/__init__.py",) and state.summary()["plugins"] == ["outside-pkg"]
+    snap = make_snapshot(tmp_path / "runs", state)
+    (site / "outside_pkg" / "__init__.py").write_text("VALUE = 2\n")  # edited after the launch
+    monkeypatch.setenv("PYTHONPATH", str(site))  # where the plugin is installed
+    cmd = shlex.split(job_python(snap)) + ["-c", "import outside_pkg; print(outside_pkg.VALUE, outside_pkg.__file__)"]
+    value, where = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert value == "1" and Path(where).is_relative_to(snap.path / "plugins" / "outside-pkg")
