@@ -139,11 +139,12 @@ def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None =
     ledger = Ledger(matrix.out)
     result = LaunchResult()
     todo, active = _pending_stages(matrix, ledger, executor, result)
-    state = code_state()
+    use_snapshot = snapshot if snapshot is not None else matrix.snapshot
+    use_snapshot = bool(todo) and (use_snapshot if use_snapshot is not None else executor == "slurm")
+    state = code_state(strict=use_snapshot)
     result.code_hash = state.short
     result.other_code = _other_code(matrix, result.skipped_done, state.short)
-    use_snapshot = snapshot if snapshot is not None else matrix.snapshot
-    if todo and (use_snapshot if use_snapshot is not None else executor == "slurm"):
+    if use_snapshot:
         result.snapshot = make_snapshot(matrix.out, state)
     python = job_python(result.snapshot) if result.snapshot else None
     if executor == "local":

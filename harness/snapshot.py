@@ -101,13 +101,15 @@ def _code_file(rel: str) -> bool:
     return not (_SKIP_PARTS & set(parts)) and not rel.endswith((".pyc", ".pyo"))
 
 
-def source_tree(name: str, root: Path, packages: tuple[str, ...]) -> SourceTree:
+def source_tree(name: str, root: Path, packages: tuple[str, ...], strict: bool = True) -> SourceTree:
     """Tracked files of the checkout holding ``root`` (from the working tree, so uncommitted edits are
-    in), plus untracked, not ignored files inside ``packages``; outside git, every file of ``packages``."""
+    in), plus untracked, not ignored files inside ``packages``; outside git, every file of ``packages``.
+    A large untracked file inside a package is an error when ``strict``, else left out (it is data)."""
     root = root.resolve()
     # Run inside ``root``, ls-files lists the files below it, relative to it (also in a monorepo).
     tracked = _git(root, "ls-files", "-z", "--cached")
-    if tracked is None:
+    # Not in git, or an installed copy that git does not track (a venv inside a checkout): the packages.
+    if tracked is None or not any(f.split("/")[0] in packages for f in tracked.split("\0")):
         files = sorted(p.relative_to(root).as_posix() for pkg in packages if (root / pkg).is_dir()
                        for p in (root / pkg).rglob("*") if p.is_file())
         return SourceTree(name, root, tuple(f for f in files if _code_file(f)), None, False)
@@ -118,6 +120,8 @@ def source_tree(name: str, root: Path, packages: tuple[str, ...]) -> SourceTree:
         if rel.split("/")[0] not in packages or not _code_file(rel):
             continue
         size = (root / rel).stat().st_size
+        if size > MAX_UNTRACKED_MB * 2**20 and not strict:
+            continue
         if size > MAX_UNTRACKED_MB * 2**20:
             raise UserError("snapshot", f"{root / rel} is an untracked {size / 2**20:.0f} MiB file inside the package "
                             f"folder {rel.split('/')[0]}/", "move data out of the package folders (or git-ignore "
@@ -150,13 +154,13 @@ def editable_plugins() -> list[tuple[str, Path, str]]:
     return [(name, root, top) for (name, top), root in sorted(found.items())]
 
 
-def code_state(root: Path | None = None, plugins: bool = True) -> CodeState:
-    """The code this process imports, file by file, with its content hash."""
+def code_state(root: Path | None = None, plugins: bool = True, strict: bool = True) -> CodeState:
+    """The code this process imports, file by file, with its content hash (``strict``: see source_tree)."""
     root = root or project_root()
-    trees = [source_tree("ssl-repro", root, PACKAGES)]
+    trees = [source_tree("ssl-repro", root, PACKAGES, strict)]
     if plugins:
         for dist, plugin_root, top in editable_plugins():
-            trees.append(source_tree(f"plugins/{dist}", plugin_root, (top,)))
+            trees.append(source_tree(f"plugins/{dist}", plugin_root, (top,), strict))
     h, size = hashlib.sha256(), 0
     for tree in trees:
         for rel in tree.files:
@@ -219,7 +223,7 @@ def running_code() -> dict[str, Any]:
     if snap and project_root() == Path(snap).resolve():
         manifest = json.loads((Path(snap) / MANIFEST).read_text())
         return {**{k: manifest[k] for k in ("hash", "commit", "dirty", "plugins")}, "snapshot": snap}
-    return {**code_state().summary(), "snapshot": None, **({"launched_snapshot": snap} if snap else {})}
+    return {**code_state(strict=False).summary(), "snapshot": None, **({"launched_snapshot": snap} if snap else {})}
 
 
 def verify_snapshot(code: dict[str, Any]) -> None:

@@ -171,3 +171,10 @@ def test_an_editable_plugin_is_snapshotted_and_imported_from_the_snapshot(tmp_pa
     cmd = shlex.split(job_python(snap)) + ["-c", "import outside_pkg; print(outside_pkg.VALUE, outside_pkg.__file__)"]
     value, where = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert value == "1" and Path(where).is_relative_to(snap.path / "plugins" / "outside-pkg")
+
+
+def test_without_a_snapshot_a_large_untracked_file_is_left_out_of_the_code_hash(tmp_path):
+    root = git_tree(tmp_path / "repo")
+    clean = code_state(root, plugins=False)
+    (root / "methods/weights.npy").write_bytes(b"\0" * (6 * 2**20))
+    assert code_state(root, plugins=False, strict=False).hash == clean.hash
