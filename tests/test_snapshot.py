@@ -144,14 +144,6 @@ def test_report_shows_the_code_hash_per_row_on_request():
     assert list(with_code_column(table, expected_frame(rows), records)["code"]) == ["aaa+dirty, unknown"]
 
 
-def test_reports_import_no_torch_and_of_the_harness_only_atomic_writes():
-    import sys
-
-    code = "import sys, reports; print(sorted(m for m in sys.modules if m.split('.')[0] in ('harness', 'torch')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "['harness', 'harness.atomic']"
-
-
 def test_an_editable_plugin_is_snapshotted_and_imported_from_the_snapshot(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "outside_pkg").mkdir(parents=True)
