@@ -190,6 +190,11 @@ class Method(nn.Module):
     def on_before_optimizer_step(self, state: StepState) -> None:
         """Called after backward and clipping, before ``optimizer.step`` (e.g. freeze-last-layer)."""
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        """Host-side values of the method's own schedules at ``state`` (e.g. ``teacher/temperature``),
+        written to the training curves at the loop's log interval. Never read a device tensor here."""
+        return {}
+
     def no_weight_decay(self) -> set[str]:
         return set()
 

@@ -11,51 +11,73 @@ from harness.errors import UserError
 
 
 def _add_resources(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("resources (override the spec's)")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--tasks-per-node", type=int)
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--mem-gb", type=int)
-    g.add_argument("--timeout-min", type=int)
+    g = p.add_argument_group("resources (override the spec's 'resources:' for every stage)")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--qos", help="SLURM quality of service")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node (one task per GPU)")
+    g.add_argument("--nodes", type=int, help="nodes per job (SLURM only)")
+    g.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU)")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per process (data-loading workers)")
+    g.add_argument("--mem-gb", type=int, help="memory per node in GB (SLURM only)")
+    g.add_argument("--timeout-min", type=int, help="time limit per job in minutes (a preempted job resumes)")
+
+
+def _add_matrix(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("spec", type=Path, help="the matrix spec (YAML): methods x presets x seeds x evaluations")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help=f"settings applied to every experiment on top of its 'overrides:' (e.g. epochs=2); "
+                        f"part of the cell identity, so {verb} needs the same ones as the launch")
+    p.add_argument("--out", type=Path, help="run folder (default: the spec's 'out' or runs/<name>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description="ssl-repro: reproduce SSL papers' numbers")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="make data sets")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="make data sets", description="make data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SET")
     tiny = data_sub.add_parser("tiny", help="write the tiny ImageFolder sets (digits, synthetic)")
-    tiny.add_argument("--out", required=True, type=Path)
-    tiny.add_argument("--sets", nargs="+", default=["digits", "synthetic"])
+    tiny.add_argument("--out", required=True, type=Path, help="folder that receives one ImageFolder per set")
+    tiny.add_argument("--sets", nargs="+", default=["digits", "synthetic"], help="which sets to write")
 
-    launch = sub.add_parser("launch", help="submit every stage of a matrix that has no finished record")
-    launch.add_argument("spec", type=Path)
-    launch.add_argument("--executor", choices=["local", "slurm"], default="local")
-    launch.add_argument("--out", type=Path, help="run folder (default: the spec's 'out' or runs/<name>)")
-    launch.add_argument("--dry-run", action="store_true", help="list what would be submitted")
+    launch = sub.add_parser("launch", help="submit every stage of a matrix that has no finished record",
+                            description="Submit every stage (pre-training, then its evaluations) that has no "
+                                        "finished record and is not already queued or running.")
+    _add_matrix(launch, "status/report")
+    launch.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: stages run one after another in subprocesses on this machine; slurm: "
+                             "job arrays on a SLURM cluster (default: local)")
+    launch.add_argument("--dry-run", action="store_true", help="list what would be submitted; submit nothing")
+    launch.add_argument("--snapshot", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the jobs from a frozen copy of the code under <run folder>/code/<hash>, so "
+                             "later edits cannot change a queued job (default: the spec's 'snapshot:', else on "
+                             "for slurm, off for local)")
+    launch.add_argument("--hold", action="store_true", help="submit the SLURM jobs held: they wait until "
+                                                            "'scontrol release JOBID'")
     _add_resources(launch)
 
     status = sub.add_parser("status", help="cells x stages: pending/running/done/failed, job id, progress")
-    status.add_argument("spec", type=Path)
-    status.add_argument("--out", type=Path)
+    _add_matrix(status, "status")
 
     report = sub.add_parser("report", help="markdown/CSV tables: reproduced vs paper")
-    report.add_argument("spec", type=Path)
-    report.add_argument("--out", type=Path)
+    _add_matrix(report, "report")
     report.add_argument("--plot", action="store_true", help="also write gaps.png")
+    report.add_argument("--code-hash", action="store_true",
+                        help="add a 'code' column: the code hash of each row's records (+dirty: uncommitted "
+                             "changes ran)")
 
     run = sub.add_parser("run", help="run one stage in this process (debugging)")
-    run.add_argument("spec", type=Path)
+    _add_matrix(run, "run")
     run.add_argument("--cell", required=True, help="cell id (see 'repro status')")
-    run.add_argument("--stage", default="pretrain")
-    run.add_argument("--out", type=Path)
+    run.add_argument("--stage", default="pretrain", help="which stage of the cell: pretrain or an evaluation name")
 
-    sub.add_parser("methods", help="list methods, presets and evaluations")
+    methods = sub.add_parser("methods", help="list methods, presets and evaluations; or show a preset's values",
+                             description="Without arguments: every method, preset and evaluation. With METHOD: "
+                                         "its presets. With METHOD PRESET: every resolved value, where it comes "
+                                         "from, and which ones differ from the paper recipe.")
+    methods.add_argument("method", nargs="?", help="a method name (see 'repro methods')")
+    methods.add_argument("preset", nargs="?", help="one of the method's presets")
     return parser
 
 
@@ -65,24 +87,39 @@ def _table(rows: list[dict]) -> str:
     return tabulate(rows, headers="keys", tablefmt="github") if rows else "(no cells)"
 
 
+def _expand(args: argparse.Namespace):
+    from harness.matrix import expand, parse_overrides
+
+    return expand(args.spec, args.out, parse_overrides(args.overrides))
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     from harness.launch import launch
-    from harness.matrix import expand
 
-    matrix = expand(args.spec, args.out)
+    matrix = _expand(args)
     res = {k: getattr(args, k) for k in ("partition", "account", "qos", "gpus_per_node", "nodes",
-                                         "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")}
+                                         "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "hold")}
+    if args.hold and args.executor != "slurm":
+        raise UserError("--hold", "only SLURM jobs can be held", "use --executor slurm")
     if args.dry_run:
         from harness.records import is_done
 
         rows = [{"stage": s.key, "method": s.method, "preset": s.preset, "seed": s.seed,
                  "done": is_done(s.stage_dir)} for s in matrix.stages()]
+        if args.overrides:
+            print("overrides on every experiment:", " ".join(args.overrides))
         print(_table(rows))
         return 0
-    result = launch(matrix, args.executor, res)
+    result = launch(matrix, args.executor, res, args.snapshot)
+    if result.snapshot is not None:
+        print(result.snapshot.describe())
     print(f"{matrix.name}: submitted {len(result.submitted)}, already done {len(result.skipped_done)}, "
           f"still queued/running {len(result.skipped_active)}, failed {len(result.failed)} "
           f"(runs in {matrix.out})")
+    if result.other_code:
+        print(f"  {len(result.other_code)} of the finished stages were computed by other code than this launch's "
+              f"(code {result.code_hash}); they are kept, as a stage's identity is its configuration: "
+              f"'repro report {args.spec} --code-hash' shows each row's code")
     for key, job in result.submitted.items():
         print(f"  submitted {key} -> job {job}")
     for key, err in result.failed.items():
@@ -91,15 +128,13 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
     from harness.status import status_rows
 
-    print(_table(status_rows(expand(args.spec, args.out))))
+    print(_table(status_rows(_expand(args))))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
     from harness.status import expected_rows
     from reports import (
         comparison_table,
@@ -107,27 +142,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
         load_paper_numbers,
         load_records,
         to_markdown,
+        with_code_column,
         write_report,
     )
 
-    matrix = expand(args.spec, args.out)
+    matrix = _expand(args)
     rows = expected_rows(matrix)
-    table = comparison_table(expected_frame(rows), load_records(matrix.out), load_paper_numbers())
+    records = load_records(matrix.out)
+    table = comparison_table(expected_frame(rows), records, load_paper_numbers())
+    if args.code_hash:
+        table = with_code_column(table, expected_frame(rows), records)
     write_report(table, matrix.out)
     print(to_markdown(table))
     print(f"\n(written to {matrix.out / 'report.md'} and {matrix.out / 'report.csv'})")
     if args.plot:
-        from reports import plot_gaps
+        from reports.plots import plot_gaps
 
         plot_gaps(table, matrix.out / "gaps.png")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
     from harness.stages import run_stage
 
-    matrix = expand(args.spec, args.out)
+    matrix = _expand(args)
     for s in matrix.stages():
         if s.cell_id == args.cell and s.stage == args.stage:
             record = run_stage(s)
@@ -144,9 +182,20 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_methods(_: argparse.Namespace) -> int:
+def _cmd_methods(args: argparse.Namespace) -> int:
     from harness.api import EVALUATIONS, METHODS
 
+    if args.method:
+        from harness.presets import describe_method, preset_rows
+
+        cls = METHODS.get(args.method, "method")
+        if not args.preset:
+            print(describe_method(cls))
+            return 0
+        header, rows = preset_rows(cls, args.preset)
+        print(header)
+        print(_table(rows))
+        return 0
     for name in METHODS.names():
         cls = METHODS.get(name)
         for pname, p in cls.presets.items():
@@ -160,7 +209,13 @@ COMMANDS = {"launch": _cmd_launch, "status": _cmd_status, "report": _cmd_report,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after options (argparse takes one run of positionals only).
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)

@@ -8,6 +8,8 @@ setting that neither has is a one-line error.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,16 +68,53 @@ class TrainConfig:
         return self.blr * self.batch_size / self.lr_batch_denom
 
 
-def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    """YAML gives lists where configs want tuples; numbers may come as ints for floats."""
-    ftype = str(field.type)
-    if isinstance(value, list) and ftype.startswith("tuple"):
-        return tuple(value)
-    if isinstance(value, int) and not isinstance(value, bool) and ftype.startswith("float"):
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """A YAML (or command-line) value -> the setting's type, or a one-line error naming it.
+
+    Lists become tuples, whole numbers become floats where a float is wanted, and a float written
+    without a dot ('1e-4', a string to YAML 1.1) is read as a number. Types this cannot check (for
+    example a method's own classes) pass through unchanged."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        hint, args = (rest[0], typing.get_args(rest[0])) if len(rest) == 1 else (Any, ())
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(where, f"must be one of {', '.join(map(repr, args))}, got {value!r}", "pick one of them")
+        return value
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(where, f"expects a list, got {value!r}", "write a list, e.g. [0.9, 0.999]")
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise UserError(where, f"expects {len(args)} values, got {len(value)}", "fix the list's length")
+        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else (args or [Any] * len(value))
+        return tuple(_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints, strict=True)))
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(where, f"expects a number, got {value!r}", "write a number, e.g. 1.5e-4")
         return float(value)
-    if ftype.startswith("int") and not isinstance(value, int):
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UserError(where, f"expects an integer, got {value!r}", "write a whole number")
+    if hint is bool and not isinstance(value, bool):
+        raise UserError(where, f"expects true or false, got {value!r}", "write true or false")
+    if hint is str and not isinstance(value, str):
+        raise UserError(where, f"expects a string, got {value!r}", "quote the value")
     return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated here: leave those unchecked
+        return {}
 
 
 def resolve(method_cls: type, preset_name: str, overrides: dict[str, Any], where: str = "overrides"
@@ -90,12 +129,13 @@ def resolve(method_cls: type, preset_name: str, overrides: dict[str, Any], where
         values[key] = value
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     method_fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls)}
+    train_hints, method_hints = _hints(TrainConfig), _hints(method_cls.config_cls)
     train_kw, method_kw = {}, {}
     for key, value in values.items():
         if key in train_fields:
-            train_kw[key] = _coerce(value, train_fields[key], f"{where}.{key}")
+            train_kw[key] = _coerce(value, train_hints.get(key, Any), f"{where}.{key}")
         elif key in method_fields:
-            method_kw[key] = _coerce(value, method_fields[key], f"{where}.{key}")
+            method_kw[key] = _coerce(value, method_hints.get(key, Any), f"{where}.{key}")
         else:
             known = ", ".join(sorted(set(train_fields) | set(method_fields)))
             raise UserError(f"{where}.{key}", f"unknown setting for method {method_cls.name!r}",
@@ -107,6 +147,19 @@ def resolve(method_cls: type, preset_name: str, overrides: dict[str, Any], where
         raise UserError(where, str(e), "add the missing setting to the preset or overrides") from None
     flat = {**dataclasses.asdict(train), **dataclasses.asdict(method_cfg)}
     return train, method_cfg, flat
+
+
+def make_eval_config(config_cls: type, raw: dict[str, Any], where: str) -> Any:
+    """An evaluation's typed config from YAML values; its class defines protocol() and headline."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    bad = set(raw) - fields
+    if bad:
+        raise UserError(f"{where}.{sorted(bad)[0]}", "unknown setting", f"use: {', '.join(sorted(fields))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    try:
+        return config_cls(**values)
+    except TypeError as e:
+        raise UserError(where, str(e), "fix the evaluation settings") from None
 
 
 def recipe_deviations(method_cls: type, preset_name: str, flat: dict[str, Any]) -> tuple[str | None, dict]:

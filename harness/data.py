@@ -65,7 +65,7 @@ def _has_image(folder: Path) -> bool:
     )
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -93,7 +93,7 @@ class SeededAugmentDataset(Dataset):
         index, epoch = key
         path, label = self.base.samples[index]
         img = self.base.loader(path)
-        _seed_everything(mix_seed(self.seed, epoch, index))
+        seed_everything(mix_seed(self.seed, epoch, index))
         if hasattr(self.transform, "set_epoch"):  # e.g. iBOT masks start at pred_start_epoch
             self.transform.set_epoch(epoch)
         return self.transform(img), label

@@ -3,6 +3,9 @@ or the local executor (stages one after another in subprocesses, for laptops and
 
 Idempotent: a stage with a finished record is skipped; a stage whose SLURM job is still queued or
 running (per the ledger and ``sacct``) is not submitted twice.
+
+With a code snapshot (the default on SLURM) the jobs import a frozen copy of the launched code from
+the run folder (harness/snapshot.py) instead of the working tree.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from harness.data import check_layout
 from harness.errors import UserError
 from harness.matrix import PRETRAIN, Matrix, StageSpec
 from harness.records import read_record
+from harness.snapshot import Snapshot, code_state, job_python, make_snapshot
 from harness.stages import StageRunner
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,9 @@ class LaunchResult:
     skipped_done: list[str] = field(default_factory=list)
     skipped_active: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # local executor: stage key -> error line
+    snapshot: Snapshot | None = None  # the code the submitted jobs import, when snapshotting
+    code_hash: str = ""  # this launch's code
+    other_code: list[str] = field(default_factory=list)  # finished stages whose records name other code
 
 
 class Ledger:
@@ -76,6 +83,8 @@ def resource_params(resources: dict[str, Any], executor: str) -> dict[str, Any]:
         "name": "ssl-repro",
     }
     if executor == "slurm":
+        if r.get("hold"):  # submitted held: nothing runs before 'scontrol release'
+            params["slurm_additional_parameters"] = {"hold": True}
         if "mem_gb" in r:
             params["mem_gb"] = r["mem_gb"]
         for key in ("partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s",
@@ -84,13 +93,18 @@ def resource_params(resources: dict[str, Any], executor: str) -> dict[str, Any]:
                 params[f"slurm_{key}"] = r[key]
     elif params["nodes"] != 1:
         raise UserError("resources.nodes", "the local executor runs on one node", "use --executor slurm")
+    elif r.get("hold"):
+        raise UserError("--hold", "only SLURM jobs can be held", "use --executor slurm")
     return params
 
 
-def make_executor(executor: str, folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
+def make_executor(executor: str, folder: Path, params: dict[str, Any], python: str | None = None
+                  ) -> submitit.AutoExecutor:
+    """``python``: the command a job starts with (a code snapshot's, see harness/snapshot.py)."""
     if executor not in EXECUTORS:
         raise UserError("executor", f"unknown executor {executor!r}", f"choose one of: {', '.join(EXECUTORS)}")
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=executor)
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=executor,
+                               **({f"{executor}_python": python} if python else {}))
     ex.update_parameters(**params)
     return ex
 
@@ -113,7 +127,10 @@ def _pending_stages(matrix: Matrix, ledger: Ledger, executor: str, result: Launc
     return todo, active
 
 
-def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None = None) -> LaunchResult:
+def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None = None,
+           snapshot: bool | None = None) -> LaunchResult:
+    """``snapshot``: run the jobs from a frozen copy of the code (None: the spec's setting, else on for
+    SLURM and off locally, where stages run while you wait)."""
     cli_resources = {k: v for k, v in (cli_resources or {}).items() if v is not None}
     # Bad data folders fail here, in one line, before anything is submitted or written.
     for root, splits in _data_roots(matrix).items():
@@ -122,11 +139,27 @@ def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None =
     ledger = Ledger(matrix.out)
     result = LaunchResult()
     todo, active = _pending_stages(matrix, ledger, executor, result)
+    use_snapshot = snapshot if snapshot is not None else matrix.snapshot
+    use_snapshot = bool(todo) and (use_snapshot if use_snapshot is not None else executor == "slurm")
+    state = code_state(strict=use_snapshot)
+    result.code_hash = state.short
+    result.other_code = _other_code(matrix, result.skipped_done, state.short)
+    if use_snapshot:
+        result.snapshot = make_snapshot(matrix.out, state)
+    python = job_python(result.snapshot) if result.snapshot else None
     if executor == "local":
-        _launch_local(todo, folder, cli_resources, ledger, result)
+        _launch_local(todo, folder, cli_resources, ledger, result, python)
     else:
-        _launch_slurm(todo, active, folder, cli_resources, ledger, result)
+        _launch_slurm(todo, active, folder, cli_resources, ledger, result, python)
     return result
+
+
+def _other_code(matrix: Matrix, done_keys: list[str], code_hash: str) -> list[str]:
+    """Finished stages computed by other code than this launch's. They are kept: a stage's identity is
+    its configuration (and CODE_VERSION), by design; the report can show each row's code."""
+    stages = {s.key: s for s in matrix.stages()}
+    return [key for key in done_keys
+            if ((read_record(stages[key].stage_dir) or {}).get("code") or {}).get("hash") != code_hash]
 
 
 def _data_roots(matrix: Matrix) -> dict[str, tuple[str, ...]]:
@@ -136,13 +169,14 @@ def _data_roots(matrix: Matrix) -> dict[str, tuple[str, ...]]:
     return {root: tuple(sorted(splits)) for root, splits in roots.items()}
 
 
-def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Ledger, result: LaunchResult) -> None:
+def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Ledger, result: LaunchResult,
+                  python: str | None = None) -> None:
     failed_cells: set[str] = set()
     for stage in todo:  # pre-training stages come before their cell's evaluations
         if stage.cell_id in failed_cells:
             result.failed[stage.key] = "skipped: pre-training failed"
             continue
-        ex = make_executor("local", folder, resource_params({**stage.resources, **cli_res}, "local"))
+        ex = make_executor("local", folder, resource_params({**stage.resources, **cli_res}, "local"), python)
         job = ex.submit(StageRunner(), stage)
         ledger.record(stage.key, str(job.job_id), "local", folder)
         result.submitted[stage.key] = str(job.job_id)
@@ -163,14 +197,14 @@ def _last_error_line(lines: list[str]) -> str:
 
 
 def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, cli_res: dict, ledger: Ledger,
-                  result: LaunchResult) -> None:
+                  result: LaunchResult, python: str | None = None) -> None:
     pre = [s for s in todo if s.stage == PRETRAIN]
     evals = [s for s in todo if s.stage != PRETRAIN]
     job_of: dict[str, str] = dict(active)  # stage key -> job id (new or already active)
     array_of: dict[str, tuple[str, int]] = {}  # pretrain key -> (array id, index) for new arrays
     # Pre-training: one array per resource shape (the seeds of an experiment share it).
     for params_json, group in _group(pre, cli_res).items():
-        jobs = _submit_array(folder, json.loads(params_json), group)
+        jobs = _submit_array(folder, json.loads(params_json), group, python)
         for i, (stage, job) in enumerate(zip(group, jobs, strict=True)):
             job_of[stage.key] = job.job_id
             array_of[stage.key] = (job.job_id.split("_")[0], i)
@@ -187,15 +221,16 @@ def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, c
             parents = [array_of.get(f"{s.cell_id}/{PRETRAIN}") for s in stages]
             same_array = all(parents) and len({p[0] for p in parents}) == 1 and \
                 [p[1] for p in parents] == list(range(len(stages)))
+            extra = params.get("slurm_additional_parameters", {})
             if same_array:
                 jobs = _submit_array(folder, {**params, "slurm_additional_parameters":
-                                              {"dependency": f"aftercorr:{parents[0][0]}"}}, stages)
+                                              {**extra, "dependency": f"aftercorr:{parents[0][0]}"}}, stages, python)
             else:
                 jobs = []
                 for s in stages:
                     dep = job_of.get(f"{s.cell_id}/{PRETRAIN}")
-                    extra = {"slurm_additional_parameters": {"dependency": f"afterok:{dep}"}} if dep else {}
-                    jobs += _submit_array(folder, {**params, **extra}, [s])
+                    after = {"slurm_additional_parameters": {**extra, "dependency": f"afterok:{dep}"}} if dep else {}
+                    jobs += _submit_array(folder, {**params, **after}, [s], python)
             for s, job in zip(stages, jobs, strict=True):
                 ledger.record(s.key, job.job_id, "slurm", folder)
                 result.submitted[s.key] = job.job_id
@@ -209,8 +244,9 @@ def _group(stages: list[StageSpec], cli_res: dict) -> dict[str, list[StageSpec]]
     return groups
 
 
-def _submit_array(folder: Path, params: dict[str, Any], stages: list[StageSpec]) -> list[submitit.Job]:
-    ex = make_executor("slurm", folder, params)
+def _submit_array(folder: Path, params: dict[str, Any], stages: list[StageSpec], python: str | None = None
+                  ) -> list[submitit.Job]:
+    ex = make_executor("slurm", folder, params, python)
     if len(stages) == 1:
         return [ex.submit(StageRunner(), stages[0])]
     with ex.batch():

@@ -15,6 +15,7 @@ A spec::
     resources:
       pretrain: {gpus_per_node: 1, timeout_min: 60}
       eval: {gpus_per_node: 1, timeout_min: 30}
+    snapshot: true                     # optional: jobs run a frozen copy of the code (default: SLURM only)
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from typing import Any
 import yaml
 
 from harness.api import EVALUATIONS, METHODS
-from harness.config import identity_config, recipe_deviations, resolve
+from harness.config import identity_config, make_eval_config, recipe_deviations, resolve
 from harness.errors import UserError
 
 CODE_VERSION = 1  # bump when a change makes old results incomparable; it is part of every stage id
 PRETRAIN = "pretrain"
-_SPEC_KEYS = {"name", "out", "data", "experiments", "resources"}
+_SPEC_KEYS = {"name", "out", "data", "experiments", "resources", "snapshot"}
 _EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides", "checkpoint",
              "checkpoint_key"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
@@ -67,6 +68,10 @@ class StageSpec:
     resources: dict[str, Any] = field(default_factory=dict)
     import_from: str | None = None  # an official checkpoint: the "pretrain" stage imports it instead
     checkpoint_key: str = "teacher"
+    # What the ids were hashed from at launch ({"cell": ..., "stage": ...}) and the evaluation's own
+    # overrides: a job re-resolves both with the code it runs and refuses to start on a mismatch.
+    identity: dict[str, Any] = field(default_factory=dict)
+    eval_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def preset_label(self) -> str:
@@ -93,6 +98,7 @@ class Matrix:
     out: Path
     cells: tuple[Cell, ...]
     spec_path: Path
+    snapshot: bool | None = None  # the spec's 'snapshot:' (None: on for SLURM, off locally)
 
     def stages(self) -> list[StageSpec]:
         return [s for c in self.cells for s in c.stages]
@@ -148,10 +154,16 @@ def resources_for(spec: dict[str, Any], stage_kind: str) -> dict[str, Any]:
     return block
 
 
-def expand(path: str | Path, out: str | Path | None = None) -> Matrix:
-    """Parse and fully validate a spec; every bad field is reported before anything is launched."""
+def expand(path: str | Path, out: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Matrix:
+    """Parse and fully validate a spec; every bad field is reported before anything is launched.
+
+    ``overrides`` (``repro launch SPEC key=value ...``) apply on top of every experiment's own."""
     path = Path(path).resolve()
     spec = load_spec(path)
+    snapshot = spec.get("snapshot")
+    if snapshot is not None and not isinstance(snapshot, bool):
+        raise UserError("snapshot", f"must be true or false, got {snapshot!r}",
+                        "true: jobs run a frozen copy of the launched code")
     name = str(spec.get("name") or path.stem)
     out_dir = Path(out or spec.get("out") or f"runs/{name}").resolve()
     data = _require_mapping(spec.get("data"), "data")
@@ -161,6 +173,7 @@ def expand(path: str | Path, out: str | Path | None = None) -> Matrix:
     if not isinstance(experiments, list) or not experiments:
         raise UserError("experiments", "must be a non-empty list", "add at least one experiment")
     res_pre, res_eval = resources_for(spec, "pretrain"), resources_for(spec, "eval")
+    cli_over = dict(overrides or {})
     cells: dict[str, Cell] = {}
     for i, exp in enumerate(experiments):
         where = f"experiments[{i}]"
@@ -183,11 +196,33 @@ def expand(path: str | Path, out: str | Path | None = None) -> Matrix:
                 raise UserError(f"{where}.preset", f"unknown preset {preset_name!r} for method {method!r}",
                                 f"choose one of: {', '.join(sorted(method_cls.presets))}")
             _, method_cfg, flat = resolve(method_cls, preset_name, overrides, f"{where}.overrides")
+            cell_over = overrides
+            if cli_over:
+                cell_over = {**overrides, **cli_over}
+                _, method_cfg, flat = resolve(method_cls, preset_name, cell_over, "command-line")
             imported = _import_source(exp, where, path.parent)
-            cell = _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, evals, eval_over,
+            cell = _cell(method_cls, preset_name, seed, cell_over, flat, method_cfg, data, evals, eval_over,
                          out_dir, where, res_pre, res_eval, imported)
             cells.setdefault(cell.pretrain.cell_id, cell)
-    return Matrix(name=name, out=out_dir, cells=tuple(cells.values()), spec_path=path)
+    return Matrix(name=name, out=out_dir, cells=tuple(cells.values()), spec_path=path, snapshot=snapshot)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["epochs=2", "crop_scale=[0.2, 1.0]"]`` -> {"epochs": 2, ...}; values are read as YAML, like
+    the spec's ``overrides:``, and checked with them when the matrix is expanded."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"override {item!r}", "must be KEY=VALUE", "e.g. epochs=2 batch_size=32")
+        if key in out:
+            raise UserError(f"override {key}", "given twice", "keep one")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"override {key}", f"cannot read the value {text!r}", "write a YAML value") from None
+    return out
 
 
 def _import_source(exp: dict[str, Any], where: str, spec_dir: Path) -> dict[str, str] | None:
@@ -204,11 +239,22 @@ def _import_source(exp: dict[str, Any], where: str, spec_dir: Path) -> dict[str,
     return {"path": str(ckpt.resolve()), "key": key}
 
 
+def cell_identity(method: str, flat: dict[str, Any], seed: int, data_root: str, imported: dict | None
+                  ) -> dict[str, Any]:
+    """What a cell id hashes: the resolved configuration and everything else that changes the result."""
+    return {"v": CODE_VERSION, "method": method, "config": identity_config(flat), "seed": seed, "data": data_root,
+            **({"import": imported} if imported else {})}
+
+
+def eval_identity(cell_id: str, evaluation: str, eval_cfg: dict[str, Any], data_root: str) -> dict[str, Any]:
+    return {"v": CODE_VERSION, "pretrain": cell_id, "eval": evaluation, "config": eval_cfg, "data": data_root}
+
+
 def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, evals, eval_over, out_dir, where,
           res_pre, res_eval, imported: dict[str, str] | None = None) -> Cell:
     pre_root = str(data["pretrain"])
-    cell_id = digest({"v": CODE_VERSION, "method": method_cls.name, "config": identity_config(flat), "seed": seed,
-                      "data": pre_root, **({"import": imported} if imported else {})})
+    cell_ident = cell_identity(method_cls.name, flat, seed, pre_root, imported)
+    cell_id = digest(cell_ident)
     backbone = method_cls.backbone_label(method_cfg)
     paper_recipe, devs = recipe_deviations(method_cls, preset_name, flat)
     if imported:  # released weights: the paper's own run, so nothing deviates from its recipe
@@ -221,7 +267,7 @@ def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, eval
                   import_from=imported["path"] if imported else None,
                   checkpoint_key=imported["key"] if imported else "teacher")
     pretrain = StageSpec(stage=PRETRAIN, stage_id=cell_id, data_root=pre_root, stage_dir=str(cell_dir / PRETRAIN),
-                         resources=res_pre, **common)
+                         resources=res_pre, identity={"cell": cell_ident}, **common)
     stages = []
     for ev in evals:
         evaluation = EVALUATIONS.get(str(ev), f"{where}.evaluations")
@@ -229,23 +275,53 @@ def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, eval
         cfg_obj = make_eval_config(evaluation.config_cls, raw, f"{where}.eval_overrides.{ev}")
         eval_cfg = json.loads(json.dumps(dataclasses.asdict(cfg_obj)))
         eval_root = str(data.get(ev, pre_root))
-        stage_id = digest({"v": CODE_VERSION, "pretrain": cell_id, "eval": ev, "config": eval_cfg,
-                           "data": eval_root})
+        stage_ident = eval_identity(cell_id, str(ev), eval_cfg, eval_root)
+        stage_id = digest(stage_ident)
         stages.append(StageSpec(stage=str(ev), stage_id=stage_id, data_root=eval_root,
                                 stage_dir=str(cell_dir / f"{ev}-{stage_id}"), eval_config=eval_cfg,
                                 protocol=cfg_obj.protocol(), headline_metric=cfg_obj.headline,
-                                resources=res_eval, **common))
+                                resources=res_eval, identity={"cell": cell_ident, "stage": stage_ident},
+                                eval_overrides=dict(raw), **common))
     return Cell(pretrain=pretrain, evaluations=tuple(stages))
 
 
-def make_eval_config(config_cls: type, raw: dict[str, Any], where: str) -> Any:
-    """An evaluation's typed config from YAML values; its class defines protocol() and headline."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    bad = set(raw) - fields
-    if bad:
-        raise UserError(f"{where}.{sorted(bad)[0]}", "unknown setting", f"use: {', '.join(sorted(fields))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    try:
-        return config_cls(**values)
-    except TypeError as e:
-        raise UserError(where, str(e), "fix the evaluation settings") from None
+
+def verify_identity(spec: StageSpec) -> None:
+    """Re-resolve a stage's configuration with the code this process runs and compare it with what its
+    ids were hashed from at launch; a queued job whose code changed underneath it stops here, before
+    any compute, naming the settings that changed."""
+    if not spec.identity:
+        return
+    launched_cell = spec.identity["cell"]
+    _, _, flat = resolve(METHODS.get(spec.method, "method"), spec.preset, spec.overrides)
+    now = {"cell": cell_identity(spec.method, flat, spec.seed, launched_cell["data"], launched_cell.get("import"))}
+    if "stage" in spec.identity:
+        evaluation = EVALUATIONS.get(spec.stage, "evaluation")
+        cfg = make_eval_config(evaluation.config_cls, spec.eval_overrides, f"eval_overrides.{spec.stage}")
+        eval_cfg = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        now["stage"] = eval_identity(digest(now["cell"]), spec.stage, eval_cfg, spec.data_root)
+    if digest(now["cell"]) == spec.cell_id and digest(now.get("stage", now["cell"])) == spec.stage_id:
+        return
+    changes = _changes(json.loads(json.dumps(spec.identity, default=str)), json.loads(json.dumps(now, default=str)),
+                       spec.stage)
+    raise UserError("identity", f"{spec.key} was launched with other settings than this code resolves: "
+                    f"{', '.join(changes) or 'its id'}", "relaunch the matrix (the code snapshot, on by default "
+                    "on SLURM, keeps queued jobs on the launched code)")
+
+
+def _changes(launched: dict[str, Any], now: dict[str, Any], stage: str) -> list[str]:
+    """``["blr 0.00015→0.0003", "knn.ks [10]→[20]", "CODE_VERSION 1→2"]``: the settings that differ.
+    (A stage's 'pretrain' id follows from its cell's settings, which are listed themselves.)"""
+    out = []
+    for part, label in (("cell", ""), ("stage", f"{stage}.")):
+        a, b = launched.get(part) or {}, now.get(part) or {}
+        for key in sorted(set(a) | set(b)):
+            if key == "pretrain" or a.get(key) == b.get(key):
+                continue
+            if key == "config":
+                ca, cb = a.get(key) or {}, b.get(key) or {}
+                out += [f"{label}{k} {ca.get(k, '(unset)')}→{cb.get(k, '(unset)')}"
+                        for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+            else:
+                out.append(f"{'CODE_VERSION' if key == 'v' else label + key} {a.get(key)}→{b.get(key)}")
+    return list(dict.fromkeys(out))

@@ -1,27 +1,18 @@
-"""Code and environment provenance recorded with every result."""
+"""Code and environment provenance recorded with every result (the code's state: harness/snapshot.py)."""
 
 from __future__ import annotations
 
-import subprocess
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+
+from harness.snapshot import commit_label, running_code
 
 PACKAGES = ("torch", "torchvision", "timm", "submitit", "numpy", "pandas", "safetensors", "ssl-repro")
 
 
-@cache
 def git_commit() -> str:
-    """HEAD of the checkout holding this code, with '+dirty' when it has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit of the code this process runs, with '+dirty' when uncommitted changes ran too."""
+    return commit_label(running_code())
 
 
 @cache

@@ -6,7 +6,8 @@ The folder of records is the only source of truth for reports. Fields (schema 1)
     method, preset, backbone, epochs, evaluation (None for pretrain), protocol, metrics {name: value},
     headline_metric, seed, data, paper_recipe, recipe_deviations {setting: [paper, ours]},
     checkpoint {path, step, sha256}, wall_time_s, gpu_hours, num_gpus, peak_mem_mb, peak_mem_kind,
-    img_per_s, git_commit, packages {name: version}, job_id, resumed_from_step, error, created_at
+    img_per_s, git_commit, code {hash, commit, dirty, plugins, snapshot}, packages {name: version}, job_id,
+    resumed_from_step, error, created_at
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ spec; the requeued job finds the checkpoint and resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import traceback
@@ -21,13 +20,14 @@ import torch
 from harness import checkpoint as ckpt
 from harness.api import EVALUATIONS, METHODS, EvalInputs
 from harness.atomic import write_json
-from harness.config import resolve
+from harness.config import make_eval_config, resolve
 from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
 from harness.export import WEIGHTS, load_export, save_export
-from harness.matrix import PRETRAIN, StageSpec, make_eval_config
+from harness.matrix import PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
 from harness.records import read_record, write_record
+from harness.snapshot import running_code, verify_snapshot
 from harness.train import PretrainRun, peak_memory_mb
 
 
@@ -46,7 +46,7 @@ def _base_record(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
         "paper_recipe": spec.paper_recipe, "recipe_deviations": spec.recipe_deviations,
         "overrides": spec.overrides, "eval_config": spec.eval_config,
         "num_gpus": dist.world_size if dist.device.type == "cuda" else 0, "world_size": dist.world_size,
-        "git_commit": git_commit(), "packages": package_versions(), "job_id": _job_id(),
+        "git_commit": git_commit(), "code": running_code(), "packages": package_versions(), "job_id": _job_id(),
     }
 
 
@@ -151,6 +151,8 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
     """Run one stage in this process; a failure writes a 'failed' record (one line) and re-raises."""
     dist = init_distributed()
     try:
+        verify_identity(spec)  # a job queued while the code changed stops here, before any compute
+        verify_snapshot(running_code())
         if spec.stage == PRETRAIN:
             if spec.import_from:
                 return import_main(spec, dist)
@@ -186,7 +188,3 @@ class StageRunner(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"active": None}
-
-
-def spec_to_json(spec: StageSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)

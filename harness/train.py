@@ -27,12 +27,19 @@ from harness import checkpoint as ckpt
 from harness.api import METHODS, Method, StepState
 from harness.atomic import write_text
 from harness.config import TrainConfig, resolve
-from harness.data import ResumableSampler, SeededAugmentDataset, build_loader, image_folder, mix_seed
-from harness.data import _seed_everything as seed_everything
+from harness.data import (
+    ResumableSampler,
+    SeededAugmentDataset,
+    build_loader,
+    image_folder,
+    mix_seed,
+    seed_everything,
+)
 from harness.distributed import DistInfo
 from harness.errors import NonFiniteLossError, UserError
 from harness.export import save_export
 from harness.schedules import SCHEDULES, cosine_schedule
+from harness.tb import TrainingCurves
 
 CKPT_NAME = "last.pt"
 
@@ -153,6 +160,7 @@ class PretrainRun:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.step = 0
         self.resumed_from_step: int | None = None
+        self.curves: TrainingCurves | None = None  # rank 0's TensorBoard writer, while run() runs
         if self.ckpt_path.exists():
             self._load(ckpt.load(self.ckpt_path))
 
@@ -191,12 +199,15 @@ class PretrainRun:
         })
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _state(self, s: int) -> StepState:
+        return StepState(step=s, epoch=s // self.ipe, iters_per_epoch=self.ipe, total_steps=self.total_steps,
+                         lr=float(self.sched.lr[s]), weight_decay=float(self.sched.wd[s]),
+                         momentum=float(self.sched.momentum[s]), world_size=self.dist.world_size)
+
     def _step(self, batch: Any) -> dict[str, torch.Tensor]:
         s = self.step
         seed_everything(mix_seed(self.spec.seed, self.dist.rank, s, 0x57E9))
-        state = StepState(step=s, epoch=s // self.ipe, iters_per_epoch=self.ipe, total_steps=self.total_steps,
-                          lr=float(self.sched.lr[s]), weight_decay=float(self.sched.wd[s]),
-                          momentum=float(self.sched.momentum[s]), world_size=self.dist.world_size)
+        state = self._state(s)
         out = optimisation_step(self.model, self.ddp, self.optimizer, self.scaler, self.train, state,
                                 to_device(batch, self.dist.device), self.amp_dtype)
         self.step += 1
@@ -211,6 +222,7 @@ class PretrainRun:
         nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
         n_in_interval, t_interval, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), self.step
         last_logged: dict[str, float] = {}
+        self.curves = TrainingCurves.for_run(self) if dist.is_main else None
         self.model.train()
         while self.step < max_steps:
             epoch, start_batch = divmod(self.step, self.ipe)
@@ -239,6 +251,8 @@ class PretrainRun:
                 if self.step >= max_steps:
                     break
         bar.close()
+        if self.curves is not None:
+            self.curves.close()
         elapsed = time.perf_counter() - t_start
         images = (self.step - start_step) * t.batch_size
         return {"final": last_logged, "steps": self.step, "img_per_s": images / elapsed if elapsed > 0 else 0.0,
@@ -259,6 +273,8 @@ class PretrainRun:
         if self.dist.is_main:
             with open(self.stage_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.curves is not None:
+                self.curves.log(entry, self._state(self.step - 1))
         return entry
 
     def export(self) -> Path | None:

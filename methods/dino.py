@@ -246,6 +246,9 @@ class DINO(MomentumTeacherMethod):
         loss = self.loss(student_out.float(), teacher_out.float(), state.epoch)
         return {"loss": loss}
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        return {"teacher/momentum": state.momentum, "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
+
     # -- export -------------------------------------------------------------------------------------
     @staticmethod
     def _feature_spec(cfg: DINOConfig) -> FeatureSpec:

@@ -420,6 +420,11 @@ class IBOT(MomentumTeacherMethod):
             student_local_cls = student_head(torch.cat(cls_tokens))
         return self.ibot_loss(student_output, teacher_output, student_local_cls, list(masks[:N_GLOBAL]), state.epoch)
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        return {"teacher/momentum": state.momentum,
+                "teacher/temperature": float(self.ibot_loss.teacher_temp_schedule[state.epoch]),
+                "teacher/patch_temperature": float(self.ibot_loss.teacher_temp2_schedule[state.epoch])}
+
     # param_groups: the base class's rule is utils.get_params_groups (no decay on biases and 1-D
     # tensors; masked_embed, cls_token, pos_embed and weight-norm gains are decayed, as official).
 

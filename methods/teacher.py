@@ -1,6 +1,6 @@
 """Pieces of the student/teacher family (DINO, iBOT, EsViT, ExtreMA): the momentum-teacher base class
 (teacher copy and freeze, EMA step, last-layer freeze, teacher export), centering, the teacher
-temperature schedule, and the cross-entropy to a sharpened teacher."""
+temperature schedule, and the sharpened teacher targets."""
 
 from __future__ import annotations
 
@@ -147,8 +147,3 @@ def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs:
 def sharpen(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
     """Teacher targets: softmax((t - center) / temperature), no gradient."""
     return F.softmax((teacher_logits.detach() - center) / temperature, dim=-1)
-
-
-def cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """Per-row sum_k -targets * log_softmax(student / T_s) (not averaged)."""
-    return torch.sum(-targets * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)

@@ -233,3 +233,23 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Pa
     md = write_text(out / "report.md", to_markdown(df) + "\n")
     csv = write_text(out / "report.csv", df.to_csv(index=False))
     return md, csv
+
+
+def with_code_column(table: pd.DataFrame, expected: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """``table`` plus a ``code`` column: the code hash(es) of each row's finished records, so results
+    computed by other code than a relaunch's stand out (records before code hashes: "unknown")."""
+    by_stage = _records_by_stage(records)
+    rows = [_with_record(r, by_stage) for r in expected.to_dict("records")]
+    codes = {key: ", ".join(dict.fromkeys(_code_label(r["record"]) for r in group
+                                          if r["record"] is not None and r["record"].get("status") == "done"))
+             or MISSING for key, group in _groups(rows).items()}
+    out = table.copy()
+    out["code"] = [codes.get(tuple(row[k] for k in GROUP), MISSING) for row in table.to_dict("records")]
+    return out
+
+
+def _code_label(record: dict[str, Any]) -> str:
+    code = record.get("code")
+    if not isinstance(code, dict) or not code.get("hash"):
+        return "unknown"
+    return str(code["hash"]) + ("+dirty" if code.get("dirty") else "")

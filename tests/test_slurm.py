@@ -5,7 +5,9 @@ Skipped with a one-line reason when no cluster answers, failed instead when REQU
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import submitit
 from harness.launch import job_state, launch
 from harness.matrix import expand
 from harness.records import read_record
+from harness.snapshot import code_state, project_root
 from harness.stages import run_stage
 from harness.status import status_rows
 from tests.helpers import read_metrics, write_spec
@@ -143,3 +146,62 @@ def test_two_task_job_runs_ddp_on_the_cluster(slurm_cluster, tmp_path, tiny_data
     assert rec["status"] == "done", rec.get("error")
     assert rec["world_size"] == 2 and rec["job_id"] == slurm_job(matrix, stage.key).job_id
     assert [m["step"] for m in read_metrics(stage.stage_dir)] == list(range(1, 10))  # rank 0 writes alone
+
+
+def _copy_of_the_project(dest: Path) -> Path:
+    """The project's files as they are now, in a fresh git repository: the test edits this copy only."""
+    src = project_root()
+    for rel in code_state(src, plugins=False).trees[0].files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dest / rel)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run([*git, *args], cwd=dest, check=True)
+    return dest
+
+
+def test_a_queued_job_runs_the_launched_code_or_stops_on_the_identity_check(slurm_cluster, tmp_path, tiny_data):
+    """Launch held, edit a preset value in the working tree, release: with the snapshot the job computes
+    the launched value and records the launched code; without it, it stops at start naming the change."""
+    exp = [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": {"epochs": 1, "num_workers": 0}}]
+    launched = {}
+    for name, flag in (("snap", "--snapshot"), ("live", "--no-snapshot")):
+        repo = _copy_of_the_project(tmp_path / name)
+        spec = write_spec(repo / "s.yaml", tiny_data / "synthetic", tmp_path / f"runs-{name}", exp,
+                          resources={"pretrain": CPU1})
+        out = subprocess.run([sys.executable, "-m", "harness.cli", "launch", str(spec), "--executor", "slurm",
+                              "--hold", flag], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        matrix = expand(spec)
+        stage = matrix.cells[0].pretrain
+        job = slurm_job(matrix, stage.key)
+        assert sacct(job.job_id, "State") == "PENDING"
+        launched[name] = (repo, stage, job, out.stdout)
+    snap_line = launched["snap"][3].splitlines()[0]
+    assert snap_line.startswith(f"code snapshot {tmp_path / 'runs-snap' / 'code'}") and "MiB" in snap_line
+    code_hash = Path(snap_line.split()[2]).name
+    assert "code snapshot" not in launched["live"][3]
+
+    for repo, _, job, _ in launched.values():
+        mae = repo / "methods" / "mae.py"
+        text = mae.read_text()
+        assert 'batch_size=(64, "ssl-repro CPU test batch")' in text
+        mae.write_text(text.replace('batch_size=(64, "ssl-repro CPU test batch")',
+                                    'batch_size=(32, "ssl-repro CPU test batch")'))
+        subprocess.run(["scontrol", "release", job.job_id.split("_")[0]], check=True)
+
+    def finished(stage):
+        rec = read_record(stage.stage_dir)
+        return rec if rec and rec.get("status") in {"done", "failed"} else None
+
+    rec = wait_until(lambda: finished(launched["snap"][1]), 300, "the snapshot job")
+    assert rec["status"] == "done", rec.get("error")
+    assert rec["checkpoint"]["step"] == 9  # 600 images / the launched batch of 64 (the edit says 32: 18 steps)
+    assert rec["code"]["hash"] == code_hash != code_state(launched["snap"][0], plugins=False).short
+    assert rec["code"]["snapshot"] == str(tmp_path / "runs-snap" / "code" / code_hash)
+    assert rec["code"]["dirty"] is False and rec["git_commit"] == rec["code"]["commit"]
+
+    rec = wait_until(lambda: finished(launched["live"][1]), 300, "the job without a snapshot")
+    assert rec["status"] == "failed" and "\n" not in rec["error"]
+    assert rec["error"].startswith("UserError: identity: ") and "batch_size 64→32" in rec["error"]
+    assert not (Path(launched["live"][1].stage_dir) / "ckpt").exists()  # stopped before any compute
