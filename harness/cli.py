@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from harness.errors import UserError
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="markdown/CSV tables: reproduced vs paper")
     report.add_argument("spec", type=Path)
-    report.add_argument("--out", type=Path)
+    report.add_argument("--out", type=Path, help="run folder (default: the spec's 'out'); the report goes in it, "
+                        "never over another spec's report")
     report.add_argument("--plot", action="store_true", help="also write gaps.png")
 
     run = sub.add_parser("run", help="run one stage in this process (debugging)")
@@ -91,15 +93,16 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
+    from harness.manifest import load_run
     from harness.status import status_rows
 
-    print(_table(status_rows(expand(args.spec, args.out))))
+    print(_table(status_rows(load_run(args.spec, args.out))))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
+    # The run's manifest, its records and the paper numbers only: no torch, no plugins, no sacct.
+    from harness.manifest import load_run
     from harness.status import expected_rows
     from reports import (
         comparison_table,
@@ -110,16 +113,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
         write_report,
     )
 
-    matrix = expand(args.spec, args.out)
-    rows = expected_rows(matrix)
-    table = comparison_table(expected_frame(rows), load_records(matrix.out), load_paper_numbers())
-    write_report(table, matrix.out)
+    run = load_run(args.spec, args.out)
+    records = load_records(run.out, [Path(s["stage_dir"]) / "record.json" for s in run.stages])
+    rows = expected_rows(run, set(records.attrs["damaged"]))
+    table = comparison_table(expected_frame(rows), records, load_paper_numbers(), run.settings.tolerance,
+                             run.settings.confidence)
+    try:
+        write_report(table, run.out, run.name)
+    except ValueError as e:
+        raise UserError("--out", str(e), "pass that report's own spec, or another --out") from None
     print(to_markdown(table))
-    print(f"\n(written to {matrix.out / 'report.md'} and {matrix.out / 'report.csv'})")
+    print(f"\n(written to {run.out / 'report.md'} and {run.out / 'report.csv'})")
     if args.plot:
-        from reports import plot_gaps
+        from reports.plots import plot_gaps
 
-        plot_gaps(table, matrix.out / "gaps.png")
+        png = plot_gaps(table, run.out / "gaps.png")
+        print(f"(plot: {png})" if png else "(no plot: no row has both our number and a comparable paper number)")
     return 0
 
 
@@ -155,6 +164,11 @@ def _cmd_methods(_: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A skipped damaged file is news for the user, not a source line of ours.
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 COMMANDS = {"launch": _cmd_launch, "status": _cmd_status, "report": _cmd_report, "run": _cmd_run,
             "data": _cmd_data, "methods": _cmd_methods}
 
@@ -162,6 +176,7 @@ COMMANDS = {"launch": _cmd_launch, "status": _cmd_status, "report": _cmd_report,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -21,7 +21,8 @@ _NEEDED = ("schema_version", "cell_id", "stage_id", "stage", "status")
 RECORD_COLUMNS = (
     "cell_id", "stage_id", "stage", "status", "method", "preset", "backbone", "epochs", "evaluation",
     "protocol", "headline_metric", "seed", "paper_recipe", "recipe_deviations", "wall_time_s", "gpu_hours",
-    "img_per_s", "peak_mem_mb", "num_gpus", "job_id", "error", "created_at", "schema_version", "path",
+    "cpu_hours", "hardware", "data_fingerprint", "img_per_s",
+    "peak_mem_mb", "num_gpus", "job_id", "error", "created_at", "schema_version", "path",
 )
 EXPECTED_COLUMNS = (
     "cell_id", "stage_id", "stage", "method", "preset", "backbone", "epochs", "evaluation", "protocol",
@@ -33,16 +34,25 @@ class RecordWarning(UserWarning):
     """A record file was skipped (unreadable, not a record, or a newer schema)."""
 
 
-def load_records(out_dir: str | os.PathLike) -> pd.DataFrame:
+def load_records(out_dir: str | os.PathLike, paths: list[str | os.PathLike] | None = None) -> pd.DataFrame:
     """One row per ``record.json`` under ``out_dir`` (recursively), metrics flattened to ``metric.<name>``.
 
+    ``paths``: read exactly these record files instead (missing ones are skipped quietly): with a run's
+    manifest the caller knows where every record is, and walking a big run folder (checkpoints, logs,
+    exports) costs more than reading the records.
+
     Bad files are skipped with a RecordWarning rather than raising: one corrupt record must not hide
-    the rest of a benchmark. Nested fields (checkpoint, packages, data, recipe_deviations) stay dicts.
+    the rest of a benchmark; their paths are in ``df.attrs["damaged"]``. Nested fields (checkpoint,
+    packages, data, recipe_deviations, attempts) stay dicts.
     """
     rows = []
-    for path in sorted(Path(out_dir).rglob(RECORD_NAME)):
+    damaged = []
+    candidates = sorted(Path(out_dir).rglob(RECORD_NAME)) if paths is None else [Path(p) for p in paths]
+    for path in candidates:
         record = _read(path)
         if record is None:
+            if path.exists():
+                damaged.append(str(path))
             continue
         row = {k: v for k, v in record.items() if k != "metrics"}
         for name, value in (record.get("metrics") or {}).items():
@@ -55,13 +65,17 @@ def load_records(out_dir: str | os.PathLike) -> pd.DataFrame:
             df[col] = None
     metric_cols = sorted(c for c in df.columns if c.startswith("metric."))
     rest = [c for c in df.columns if c not in RECORD_COLUMNS and c not in metric_cols]
-    return df[[*RECORD_COLUMNS, *metric_cols, *rest]]
+    df = df[[*RECORD_COLUMNS, *metric_cols, *rest]]
+    df.attrs["damaged"] = damaged
+    return df
 
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         warnings.warn(f"skipping unreadable record {path}: {e}", RecordWarning, stacklevel=3)
         return None
