@@ -176,9 +176,10 @@ COMMANDS = {"launch": _cmd_launch, "status": _cmd_status, "report": _cmd_report,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.showwarning = _one_line_warning
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -156,9 +156,9 @@ def check_owner(out: Path, name: str, manifest: dict[str, Any] | None = None) ->
                         "pass that spec, or an --out of this spec's own")
 
 
-def run_from_matrix(matrix: Any, spec: dict[str, Any]) -> Run:
+def run_from_matrix(matrix: Any, spec: dict[str, Any] | None = None) -> Run:
     """The slow path: a freshly expanded matrix (no manifest yet, or the spec changed since launch)."""
-    return Run(name=matrix.name, out=matrix.out, stages=stage_rows(matrix), settings=report_settings(spec),
+    return Run(name=matrix.name, out=matrix.out, stages=stage_rows(matrix), settings=report_settings(spec or {}),
                from_manifest=False)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import read_json_state
-from harness.manifest import Run
+from harness.manifest import Run, run_from_matrix
 from harness.records import PROGRESS_NAME, inspect_record
 
 STALE_S = 600  # a progress file older than this no longer means "running"
@@ -86,7 +86,9 @@ def _blocked(stage: dict[str, Any], state: str, pretrain_state: dict[str, str]) 
     return state
 
 
-def status_rows(run: Run, query_slurm: bool = True) -> list[dict[str, Any]]:
+def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]]:
+    """One row per cell, a column per stage. ``run``: a Run, or an expanded harness.matrix.Matrix."""
+    run = run if isinstance(run, Run) else run_from_matrix(run)
     entries = ledger_entries(run.out)
     slurm = slurm_states(entries) if query_slurm else {}
     states = [(s, stage_status(s, entries, slurm)) for s in run.stages]
