@@ -49,7 +49,6 @@ def read_json_state(path: str | os.PathLike, kind: type = dict) -> tuple[Any, st
     for a damaged one (truncated, garbage, wrong top-level type), after a DamagedFileWarning naming the
     file: one torn file must not take a whole report, status or launch down.
     """
-    path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)

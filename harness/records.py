@@ -48,7 +48,7 @@ def write_record(stage_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
 
 def inspect_record(stage_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, str | None]:
     """(record, None), (None, None) when there is none, or (None, problem) when record.json is damaged."""
-    return read_json_state(Path(stage_dir) / RECORD_NAME)
+    return read_json_state(os.path.join(stage_dir, RECORD_NAME))  # not pathlib: status calls this 10,000 times
 
 
 def read_record(stage_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ warning naming it; its stage shows as "damaged".
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slur
     entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
     out = {"state": "not launched", "job_id": entry.get("job_id"), "progress": None, "error": None}
     rec, damage = inspect_record(stage["stage_dir"])
-    prog, prog_damage = read_json_state(Path(stage["stage_dir"]) / PROGRESS_NAME)
+    prog, prog_damage = read_json_state(os.path.join(stage["stage_dir"], PROGRESS_NAME))
     fresh = False
     if prog_damage:
         out["progress"] = f"damaged {PROGRESS_NAME}"
@@ -66,7 +67,7 @@ def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slur
     if sstate in ACTIVE_STATES:
         out["state"] = "running" if sstate in {"RUNNING", "COMPLETING"} else "pending"
     elif damage:
-        out["state"], out["error"] = "damaged", f"{Path(stage['stage_dir']) / 'record.json'}: {damage}"
+        out["state"], out["error"] = "damaged", f"{os.path.join(stage['stage_dir'], 'record.json')}: {damage}"
     elif rec is not None and rec.get("status") == "failed":
         out["state"], out["error"] = "failed", rec.get("error")
     elif sstate in FAILED_STATES:
@@ -117,7 +118,7 @@ def expected_rows(run: Run, damaged: set[str] | frozenset[str] = frozenset()) ->
     entries = ledger_entries(run.out)
     rows = []
     for s in run.stages:
-        if str(Path(s["stage_dir"]) / "record.json") in damaged:
+        if os.path.join(s["stage_dir"], "record.json") in damaged:
             status = "damaged"
         else:
             status = "pending" if stage_key(s) in entries else "not launched"

@@ -4,11 +4,14 @@ This package only knows records (JSON files) and plain data; it never imports to
 so a report can be built on any machine that holds the output folder.
 """
 
-from reports.collect import expected_frame, load_records
+from reports.collect import check_expected, expected_frame, load_records, read_records
 from reports.paper import load_paper_numbers
-from reports.tables import comparison_table, to_markdown, write_report
+from reports.tables import RECORD_FIELDS, comparison_table, to_markdown, write_report
 
 __all__ = [
+    "RECORD_FIELDS",
+    "check_expected",
+    "read_records",
     "comparison_table",
     "expected_frame",
     "load_paper_numbers",

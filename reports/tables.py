@@ -6,6 +6,7 @@ without a finished record shows "— (<status>)" instead of vanishing from the r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,9 +28,13 @@ _STATUS_ORDER = ("damaged", "failed", "pretrain damaged", "pretrain failed", "no
                  "not launched")
 _OURS = re.compile(r"^(-?\d+\.\d+)(?: ± (\d+\.\d+))? \(n=(\d+)\)$")
 OTHER_DATA, DATA_UNKNOWN = "other data", "data unknown"
+# Record fields the table reads (besides metric.*); the rest stays in the frame for other uses.
+RECORD_FIELDS = ("cell_id", "stage_id", "stage", "status", "created_at", "headline_metric", "gpu_hours", "cpu_hours",
+                "wall_time_s", "img_per_s", "hardware", "data_fingerprint")
 
 
-def comparison_table(expected: pd.DataFrame, records: pd.DataFrame, paper: pd.DataFrame, tolerance: float = 0.0,
+def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.DataFrame | list[dict[str, Any]],
+                     paper: pd.DataFrame, tolerance: float = 0.0,
                      confidence: float = 0.95, datasets: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per (method, preset, backbone, epochs) of ``expected``; see the module docstring.
 
@@ -50,7 +55,8 @@ def comparison_table(expected: pd.DataFrame, records: pd.DataFrame, paper: pd.Da
     by_stage = _records_by_stage(records)
     papers = {tuple(r[k] for k in ("method", "backbone", "epochs", "evaluation", "protocol", "metric")): r
               for r in paper.to_dict("records")}
-    rows = [_with_record(r, by_stage) for r in expected.to_dict("records")]
+    expected = expected.to_dict("records") if isinstance(expected, pd.DataFrame) else expected
+    rows = [_with_record(r, by_stage) for r in expected]
     _mark_blocked(rows)
     protocols = _protocols(rows)
     notes: dict[str, str] = {}
@@ -73,10 +79,13 @@ def comparison_table(expected: pd.DataFrame, records: pd.DataFrame, paper: pd.Da
     return df
 
 
-def _records_by_stage(records: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+def _records_by_stage(records: pd.DataFrame | list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     # If a stage has several records (copied folders, a rerun beside a failure), trust a done one, newest.
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for rec in records.to_dict("records"):
+    if isinstance(records, pd.DataFrame):
+        records = records[[c for c in records.columns if c in RECORD_FIELDS or c.startswith("metric.")]]
+        records = records.to_dict("records")
+    for rec in records:
         key = (rec["cell_id"], rec["stage_id"])
         rank = (rec.get("status") == "done", str(rec.get("created_at") or ""))
         old = best.get(key)
@@ -235,8 +244,10 @@ def _cost_columns(group: list[dict[str, Any]], data_devs: list[str]) -> dict[str
     gpu_h = [v for v in (_num(r.get("gpu_hours")) for r in recs) if v is not None]
     cpu_h = [v for v in (_num(r.get("cpu_hours")) for r in recs) if v is not None]
     wall = [v for v in (_num(r.get("wall_time_s")) for r in recs) if v is not None]
-    seeds = list(dict.fromkeys(r["seed"] for r in group))
-    done = [s for s in seeds if all(r["state"] == "done" for r in group if r["seed"] == s)]
+    seed_done: dict[Any, bool] = {}
+    for r in group:
+        seed_done[r["seed"]] = seed_done.get(r["seed"], True) and r["state"] == "done"
+    seeds, done = list(seed_done), [s for s, ok in seed_done.items() if ok]
     return {
         "deviations": _deviations(group, data_devs),
         "seeds": f"{len(done)}/{len(seeds)}",
@@ -270,7 +281,12 @@ def _deviations(group: list[dict[str, Any]], data_devs: list[str] = ()) -> str:
     """
     base: dict[str, str] = {}
     staged: dict[str, str] = {}
+    seen: set[str] = set()  # the seeds of a row share their deviations: format each distinct set once
     for r in sorted(group, key=lambda r: r["stage"] != "pretrain"):
+        key = json.dumps([r["stage"], r.get("recipe_deviations")], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
         for name, change in (r.get("recipe_deviations") or {}).items():
             text = _fmt_change(change)
             if r["stage"] == "pretrain":
