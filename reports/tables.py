@@ -211,9 +211,9 @@ def _data_match(cells: list[dict[str, Any]], group: list[dict[str, Any]], ref: d
             continue
         seen = identify(fp, datasets)
         if seen != wanted:
-            text = f"{name} {describe(fp)} (paper: {describe_known(wanted, datasets)})"
-            if text not in devs:
-                devs.append(text)
+            text = f"{describe(fp)} (paper: {describe_known(wanted, datasets)})"
+            if not any(d.endswith(f" {text}") for d in devs):  # an evaluation on the same data says nothing new
+                devs.append(f"{name} {text}")
     if devs:
         return False, devs
     return (None if unknown else True), []
