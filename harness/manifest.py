@@ -65,7 +65,8 @@ def report_settings(spec: dict[str, Any]) -> ReportSettings:
 def spec_path_value(value: Any, spec_dir: Path) -> Path:
     """A path written in a spec: relative ones resolve against the spec's folder, not the current one."""
     path = Path(str(value)).expanduser()
-    return path if path.is_absolute() else spec_dir / path
+    # normpath, not resolve(): "../data" is tidied, but a symlinked mount keeps the name the user gave it
+    return Path(os.path.normpath(path if path.is_absolute() else spec_dir / path))
 
 
 def run_folder(spec: dict[str, Any], spec_path: Path, cli_out: str | os.PathLike | None) -> Path:
