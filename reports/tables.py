@@ -200,7 +200,9 @@ def _data_match(cells: list[dict[str, Any]], group: list[dict[str, Any]], ref: d
     or a stage that has not started and no manifest fingerprint).
     """
     cell_ids = {c["cell_id"] for c in cells}
-    pres = [r for r in group if r["stage"] == "pretrain" and r["cell_id"] in cell_ids]
+    # Released weights were pre-trained by the paper's authors on the paper's data: only the evaluation counts.
+    pres = [r for r in group if r["stage"] == "pretrain" and r["cell_id"] in cell_ids
+            and not str(r.get("preset") or "").endswith("(official weights)")]
     checks = [(p, ref["pretrain_data"], "data") for p in pres] + \
              [(c, ref["eval_data"], f"{c['stage']}:data") for c in cells]
     unknown, devs = False, []

@@ -298,3 +298,14 @@ def test_report_and_status_import_no_torch_and_only_status_asks_slurm(tmp_path):
         if command == "report":
             assert not calls.exists()  # the report never asks SLURM
     assert len(calls.read_text().splitlines()) == 1  # status: one sacct for the whole matrix
+
+
+def test_official_weights_are_judged_on_their_evaluation_data_only(tmp_path):
+    rows = []
+    for seed, top1 in ((0, 74.4), (1, 74.6)):
+        pre, knn = cell("dino", "vit_small (official weights)", "ViT-S/16", 800, seed, "knn", KNN)
+        write(tmp_path, pre, data_fingerprint=DIGITS)  # the spec's data root, never read by an import
+        write(tmp_path, knn, value=top1, data_fingerprint=IMAGENET)
+        rows += [pre, knn]
+    row = by_method(comparison_table(expected_frame(rows), load_records(tmp_path), load_paper_numbers()), "dino")
+    assert (row[f"{KNN} paper"], row[f"{KNN} Δ"]) == ("74.5", "+0.00")
