@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,3 +36,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+class DamagedFileWarning(UserWarning):
+    """A state file (record, ledger, progress, manifest) could not be read and was skipped."""
+
+
+def read_json_state(path: str | os.PathLike, kind: type = dict) -> tuple[Any, str | None]:
+    """Read a JSON state file without ever raising on its content.
+
+    Returns ``(value, None)`` for a good file, ``(None, None)`` for a missing one and ``(None, problem)``
+    for a damaged one (truncated, garbage, wrong top-level type), after a DamagedFileWarning naming the
+    file: one torn file must not take a whole report, status or launch down.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    else:
+        if isinstance(value, kind):
+            return value, None
+        problem = f"not a JSON {kind.__name__}"
+    warnings.warn(f"skipping damaged {path}: {problem}", DamagedFileWarning, stacklevel=2)
+    return None, problem

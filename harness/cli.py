@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from harness.errors import UserError
@@ -84,13 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _table(rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    return tabulate(rows, headers="keys", tablefmt="github") if rows else "(no cells)"
+    # disable_numparse: guessing each cell's type costs seconds over a 10,000-stage matrix
+    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no cells)"
 
 
 def _expand(args: argparse.Namespace):
     from harness.matrix import expand, parse_overrides
 
     return expand(args.spec, args.out, parse_overrides(args.overrides))
+
+
+def _load_run(args: argparse.Namespace):
+    """The launched matrix from its manifest (no torch); with KEY=VALUE overrides, the spec expanded anew."""
+    from harness.manifest import load_run
+
+    if args.overrides:
+        from harness.manifest import run_from_matrix
+        from harness.matrix import load_spec
+
+        matrix = _expand(args)
+        return run_from_matrix(matrix, load_spec(matrix.spec_path))
+    return load_run(args.spec, args.out)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -130,35 +146,42 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from harness.status import status_rows
 
-    print(_table(status_rows(_expand(args))))
+    print(_table(status_rows(_load_run(args))))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    # The run's manifest, its records and the paper numbers only: no torch, no plugins, no sacct.
     from harness.status import expected_rows
     from reports import (
+        RECORD_FIELDS,
+        check_expected,
         comparison_table,
-        expected_frame,
         load_paper_numbers,
-        load_records,
+        read_records,
         to_markdown,
         with_code_column,
         write_report,
     )
 
-    matrix = _expand(args)
-    rows = expected_rows(matrix)
-    records = load_records(matrix.out)
-    table = comparison_table(expected_frame(rows), records, load_paper_numbers())
+    run = _load_run(args)
+    records, damaged = read_records(run.out, [os.path.join(s["stage_dir"], "record.json") for s in run.stages],
+                                    RECORD_FIELDS, run.out / "launch" / "records_index.json")
+    rows = check_expected(expected_rows(run, set(damaged)))
+    table = comparison_table(rows, records, load_paper_numbers(), run.settings.tolerance, run.settings.confidence)
     if args.code_hash:
-        table = with_code_column(table, expected_frame(rows), records)
-    write_report(table, matrix.out)
+        table = with_code_column(table, rows, records)
+    try:
+        write_report(table, run.out, run.name)
+    except ValueError as e:
+        raise UserError("--out", str(e), "pass that report's own spec, or another --out") from None
     print(to_markdown(table))
-    print(f"\n(written to {matrix.out / 'report.md'} and {matrix.out / 'report.csv'})")
+    print(f"\n(written to {run.out / 'report.md'} and {run.out / 'report.csv'})")
     if args.plot:
         from reports.plots import plot_gaps
 
-        plot_gaps(table, matrix.out / "gaps.png")
+        png = plot_gaps(table, run.out / "gaps.png")
+        print(f"(plot: {png})" if png else "(no plot: no row has both our number and a comparable paper number)")
     return 0
 
 
@@ -204,6 +227,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A skipped damaged file is news for the user, not a source line of ours.
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 COMMANDS = {"launch": _cmd_launch, "status": _cmd_status, "report": _cmd_report, "run": _cmd_run,
             "data": _cmd_data, "methods": _cmd_methods}
 
@@ -218,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

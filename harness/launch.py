@@ -19,17 +19,18 @@ from typing import Any
 
 import submitit
 
-from harness.atomic import write_json
+from harness.atomic import read_json_state, write_json
 from harness.data import check_layout
+from harness.dataset_id import fingerprint
 from harness.errors import UserError
-from harness.matrix import PRETRAIN, Matrix, StageSpec
+from harness.manifest import write_manifest
+from harness.matrix import PRETRAIN, Matrix, StageSpec, load_spec
 from harness.records import read_record
 from harness.snapshot import Snapshot, code_state, job_python, make_snapshot
 from harness.stages import StageRunner
+from harness.status import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 EXECUTORS = ("local", "slurm")
 
 
@@ -49,7 +50,8 @@ class Ledger:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "launch" / "ledger.json"
-        self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        # A damaged ledger warns (naming it) and counts as empty: stages with records are still skipped.
+        self.entries: dict[str, dict[str, Any]] = read_json_state(self.path)[0] or {}
 
     def record(self, key: str, job_id: str, executor: str, folder: Path) -> None:
         self.entries[key] = {"job_id": job_id, "executor": executor, "folder": str(folder)}
@@ -135,6 +137,8 @@ def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None =
     # Bad data folders fail here, in one line, before anything is submitted or written.
     for root, splits in _data_roots(matrix).items():
         check_layout(root, splits)
+    write_manifest(matrix, load_spec(matrix.spec_path),
+                   {root: fingerprint(root, splits) for root, splits in _data_roots(matrix).items()})
     folder = matrix.out / "submitit"
     ledger = Ledger(matrix.out)
     result = LaunchResult()

@@ -33,10 +33,11 @@ import yaml
 from harness.api import EVALUATIONS, METHODS
 from harness.config import identity_config, make_eval_config, recipe_deviations, resolve
 from harness.errors import UserError
+from harness.manifest import report_settings, run_folder, spec_path_value
 
 CODE_VERSION = 1  # bump when a change makes old results incomparable; it is part of every stage id
 PRETRAIN = "pretrain"
-_SPEC_KEYS = {"name", "out", "data", "experiments", "resources", "snapshot"}
+_SPEC_KEYS = {"name", "out", "data", "experiments", "resources", "snapshot", "report"}
 _EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides", "checkpoint",
              "checkpoint_key"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
@@ -165,8 +166,10 @@ def expand(path: str | Path, out: str | Path | None = None, overrides: dict[str,
         raise UserError("snapshot", f"must be true or false, got {snapshot!r}",
                         "true: jobs run a frozen copy of the launched code")
     name = str(spec.get("name") or path.stem)
-    out_dir = Path(out or spec.get("out") or f"runs/{name}").resolve()
-    data = _require_mapping(spec.get("data"), "data")
+    out_dir = run_folder(spec, path, out)
+    report_settings(spec)  # a bad report: block fails here, before anything is launched
+    # Relative data roots mean the spec's folder, whatever folder the command runs in.
+    data = {k: str(spec_path_value(v, path.parent)) for k, v in _require_mapping(spec.get("data"), "data").items()}
     if "pretrain" not in data:
         raise UserError("data.pretrain", "missing", "give the ImageFolder root used for pre-training")
     experiments = spec.get("experiments")

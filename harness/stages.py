@@ -21,12 +21,13 @@ from harness import checkpoint as ckpt
 from harness.api import EVALUATIONS, METHODS, EvalInputs
 from harness.atomic import write_json
 from harness.config import make_eval_config, resolve
+from harness.dataset_id import fingerprint, stage_splits
 from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
 from harness.export import WEIGHTS, load_export, save_export
 from harness.matrix import PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
-from harness.records import read_record, write_record
+from harness.records import begin_attempt, end_attempt, hardware_info, read_record, write_record
 from harness.snapshot import running_code, verify_snapshot
 from harness.train import PretrainRun, peak_memory_mb
 
@@ -47,6 +48,7 @@ def _base_record(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
         "overrides": spec.overrides, "eval_config": spec.eval_config,
         "num_gpus": dist.world_size if dist.device.type == "cuda" else 0, "world_size": dist.world_size,
         "git_commit": git_commit(), "code": running_code(), "packages": package_versions(), "job_id": _job_id(),
+        "data_fingerprint": fingerprint(spec.data_root, stage_splits(spec.stage)),
     }
 
 
@@ -150,13 +152,18 @@ def eval_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
 def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, Any]:
     """Run one stage in this process; a failure writes a 'failed' record (one line) and re-raises."""
     dist = init_distributed()
+    if dist.is_main:  # every attempt is kept, so that failed and preempted ones are counted too
+        begin_attempt(spec.stage_dir, hardware_info(dist.device.type, dist.world_size), _job_id())
     try:
         verify_identity(spec)  # a job queued while the code changed stops here, before any compute
         verify_snapshot(running_code())
         if spec.stage == PRETRAIN:
             if spec.import_from:
                 return import_main(spec, dist)
-            return pretrain_main(spec, dist, runner)
+            record = pretrain_main(spec, dist, runner)
+            if dist.is_main and record["status"] != "done":
+                end_attempt(spec.stage_dir, record["status"])
+            return record
         return eval_main(spec, dist)
     except Exception as e:
         if dist.is_main:
@@ -184,6 +191,7 @@ class StageRunner(submitit.helpers.Checkpointable):
         # Called by submitit's USR2 handler; the loop blocks USR2 inside a step, so we are between steps.
         if self.active is not None:
             self.active.save_checkpoint()
+        end_attempt(spec.stage_dir, "preempted")  # closes only an attempt this process began
         return submitit.helpers.DelayedSubmission(StageRunner(), spec)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,41 +1,76 @@
-"""What state each (cell, stage) is in: from records, the launch ledger, SLURM and progress files."""
+"""What state each (cell, stage) is in: from records, the launch ledger, SLURM and progress files.
+
+Works on a ``harness.manifest.Run`` (plain rows), so it never imports torch or the method plugins. Only
+``status`` asks SLURM, and then once for the whole matrix (one ``sacct`` over every job id, through
+submitit's watcher), never once per stage. A damaged record, ledger or progress file is skipped with a
+warning naming it; its stage shows as "damaged".
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.launch import ACTIVE_STATES, Ledger, job_state
-from harness.matrix import Matrix, StageSpec
-from harness.records import read_record
+from harness.atomic import read_json_state
+from harness.manifest import Run, run_from_matrix
+from harness.records import PROGRESS_NAME, inspect_record
 
 STALE_S = 600  # a progress file older than this no longer means "running"
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                 "DEADLINE"}
+BROKEN = ("failed", "damaged")  # a pre-training in one of these states blocks its evaluations
 
 
-def stage_status(stage: StageSpec, ledger: Ledger, query_slurm: bool = True) -> dict[str, Any]:
-    rec = read_record(stage.stage_dir)
-    entry = ledger.entries.get(stage.key, {})
+def stage_key(stage: dict[str, Any]) -> str:
+    return f"{stage['cell_id']}/{stage['stage']}"
+
+
+def ledger_entries(out: Path) -> dict[str, dict[str, Any]]:
+    """stage key -> {job_id, executor, folder} (harness.launch.Ledger's file); {} when missing or damaged."""
+    return read_json_state(Path(out) / "launch" / "ledger.json")[0] or {}
+
+
+def slurm_states(entries: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """stage key -> SLURM state of its job, from one ``sacct`` call for all of them."""
+    slurm = {k: str(e["job_id"]) for k, e in entries.items() if isinstance(e, dict) and e.get("executor") == "slurm"}
+    if not slurm:
+        return {}
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    watcher = SlurmInfoWatcher()
+    for job_id in slurm.values():
+        watcher.register_job(job_id)
+    watcher.update()  # an unreachable sacct logs a warning and leaves every state UNKNOWN
+    return {k: watcher.get_state(j, mode="cache").split()[0] for k, j in slurm.items()}
+
+
+def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slurm: dict[str, str]) -> dict[str, Any]:
+    key = stage_key(stage)
+    entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
     out = {"state": "not launched", "job_id": entry.get("job_id"), "progress": None, "error": None}
-    prog_path = Path(stage.stage_dir) / "progress.json"
-    if prog_path.exists():
-        prog = json.loads(prog_path.read_text())
-        out["progress"] = f"{prog['step']}/{prog['total']}"
-        fresh = time.time() - prog.get("updated_at", 0) < STALE_S
-    else:
-        fresh = False
+    rec, damage = inspect_record(stage["stage_dir"])
+    prog, prog_damage = read_json_state(os.path.join(stage["stage_dir"], PROGRESS_NAME))
+    fresh = False
+    if prog_damage:
+        out["progress"] = f"damaged {PROGRESS_NAME}"
+    elif prog is not None:
+        out["progress"] = f"{prog.get('step')}/{prog.get('total')}"
+        fresh = time.time() - float(prog.get("updated_at") or 0) < STALE_S
     if rec is not None and rec.get("status") == "done":
         out["state"] = "done"
         return out
-    slurm = ledger.slurm_job(stage.key) if query_slurm else None
-    sstate = job_state(slurm) if slurm is not None else None
+    sstate = slurm.get(key)
     if sstate in ACTIVE_STATES:
         out["state"] = "running" if sstate in {"RUNNING", "COMPLETING"} else "pending"
+    elif damage:
+        out["state"], out["error"] = "damaged", f"{os.path.join(stage['stage_dir'], 'record.json')}: {damage}"
     elif rec is not None and rec.get("status") == "failed":
         out["state"], out["error"] = "failed", rec.get("error")
-    elif sstate in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                    "DEADLINE"}:
+    elif sstate in FAILED_STATES:
         out["state"] = sstate.lower()
     elif fresh:
         out["state"] = "running"
@@ -44,31 +79,48 @@ def stage_status(stage: StageSpec, ledger: Ledger, query_slurm: bool = True) -> 
     return out
 
 
-def status_rows(matrix: Matrix, query_slurm: bool = True) -> list[dict[str, Any]]:
-    ledger = Ledger(matrix.out)
+def _blocked(stage: dict[str, Any], state: str, pretrain_state: dict[str, str]) -> str:
+    """An evaluation that never ran because its pre-training failed says so, not "not launched"."""
+    pre = pretrain_state.get(stage["cell_id"])
+    if stage["stage"] != "pretrain" and state in ("not launched", "pending") and pre in BROKEN:
+        return f"pretrain {pre}"
+    return state
+
+
+def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]]:
+    """One row per cell, a column per stage. ``run``: a Run, or an expanded harness.matrix.Matrix."""
+    run = run if isinstance(run, Run) else run_from_matrix(run)
+    entries = ledger_entries(run.out)
+    slurm = slurm_states(entries) if query_slurm else {}
+    states = [(s, stage_status(s, entries, slurm)) for s in run.stages]
+    pre = {s["cell_id"]: st["state"] for s, st in states if s["stage"] == "pretrain"}
+    rows: dict[str, dict[str, Any]] = {}
+    for stage, st in states:
+        row = rows.setdefault(stage["cell_id"], {"cell": stage["cell_id"], "method": stage["method"],
+                                                 "preset": stage["preset"], "seed": stage["seed"]})
+        text = _blocked(stage, st["state"], pre)
+        if st["job_id"]:
+            text += f" [{st['job_id']}]"
+        if st["progress"] and st["state"] != "done":
+            text += f" {st['progress']}"
+        if st["error"]:
+            text += f": {st['error'][:80]}"
+        row[stage["stage"]] = text
+    return list(rows.values())
+
+
+def expected_rows(run: Run, damaged: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Every stage the run expects, for the report: no SLURM, no record reads (the report has them).
+
+    ``status`` is "damaged" for a stage whose record.json is in ``damaged`` (paths), "pending" for one in
+    the ledger (submitted; records say the rest), "not launched" otherwise.
+    """
+    entries = ledger_entries(run.out)
     rows = []
-    for cell in matrix.cells:
-        p = cell.pretrain
-        row = {"cell": p.cell_id, "method": p.method, "preset": p.preset_label, "seed": p.seed}
-        for stage in cell.stages:
-            st = stage_status(stage, ledger, query_slurm)
-            text = st["state"]
-            if st["job_id"]:
-                text += f" [{st['job_id']}]"
-            if st["progress"] and st["state"] != "done":
-                text += f" {st['progress']}"
-            if st["error"]:
-                text += f": {st['error'][:80]}"
-            row[stage.stage] = text
-        rows.append(row)
+    for s in run.stages:
+        if os.path.join(s["stage_dir"], "record.json") in damaged:
+            status = "damaged"
+        else:
+            status = "pending" if stage_key(s) in entries else "not launched"
+        rows.append({**s, "status": status})
     return rows
-
-
-def expected_rows(matrix: Matrix) -> list[dict[str, Any]]:
-    """Every stage the matrix expects, with its state, for the report (which knows no harness)."""
-    ledger = Ledger(matrix.out)
-    keys = ("cell_id", "stage_id", "stage", "method", "preset", "backbone", "epochs", "seed", "paper_recipe",
-            "recipe_deviations", "protocol", "headline_metric")
-    return [{**{k: getattr(s, k) for k in keys}, "preset": s.preset_label,
-             "evaluation": None if s.stage == "pretrain" else s.stage,
-             "status": stage_status(s, ledger)["state"]} for s in matrix.stages()]

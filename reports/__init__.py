@@ -5,11 +5,14 @@ it imports only ``harness.atomic`` (standard library only) to write its files at
 can be built on any machine that holds the output folder and this repository, without a GPU stack.
 """
 
-from reports.collect import expected_frame, load_records
+from reports.collect import check_expected, expected_frame, load_records, read_records
 from reports.paper import load_paper_numbers
-from reports.tables import comparison_table, to_markdown, with_code_column, write_report
+from reports.tables import RECORD_FIELDS, comparison_table, to_markdown, with_code_column, write_report
 
 __all__ = [
+    "RECORD_FIELDS",
+    "check_expected",
+    "read_records",
     "comparison_table",
     "expected_frame",
     "load_paper_numbers",

@@ -4,6 +4,10 @@ The packaged file ``reports/data/paper_numbers.csv`` is filled from ``research/p
 only numbers read verbatim in a paper table or official README are in it. Variants that share a key
 with the main method (EsViT view-only, ExtreMA masking/colour checkpoints) carry a suffixed method
 name (``esvit-v``, ``extrema-nocolor``) so every key stays unique and joins never fan out.
+
+``seed_values``: the paper's per-seed numbers, "/"-separated, where it gives them (empty otherwise).
+``pretrain_data`` / ``eval_data``: the datasets the number was measured on (names in
+``reports/data/datasets.json``); a run joins the number only when its recorded data fingerprints are those.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import os
 
 import pandas as pd
 
-COLUMNS = ("method", "backbone", "epochs", "evaluation", "protocol", "metric", "value", "source", "verified",
-           "note")
+COLUMNS = ("method", "backbone", "epochs", "evaluation", "protocol", "metric", "value", "seed_values", "source",
+           "verified", "note", "pretrain_data", "eval_data")
 KEY = ("method", "backbone", "epochs", "evaluation", "protocol", "metric")
 _BOOL = {"true": True, "false": False}
 
@@ -43,11 +47,12 @@ def _parse(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{where}: missing column(s) {missing}; expected {list(COLUMNS)}")
     df = df[list(COLUMNS)].copy()
-    for col in ("method", "backbone", "evaluation", "protocol", "metric"):
+    for col in ("method", "backbone", "evaluation", "protocol", "metric", "pretrain_data", "eval_data"):
         empty = df.index[df[col].str.strip() == ""].tolist()
         if empty:
             raise ValueError(f"{where}: column {col!r} is empty in data rows {_rows(empty)}")
     df["value"] = _numeric(df, "value", where)
+    df["seed_values"] = [_seeds(v, i, where) for i, v in enumerate(df["seed_values"])]
     epochs = _numeric(df, "epochs", where)
     if (epochs % 1 != 0).any():
         raise ValueError(f"{where}: column 'epochs' must hold whole numbers")
@@ -69,6 +74,14 @@ def _numeric(df: pd.DataFrame, col: str, where: str) -> pd.Series:
     if bad:
         raise ValueError(f"{where}: column {col!r} is not numeric in data rows {_rows(bad)}")
     return values.astype(float)
+
+
+def _seeds(text: str, i: int, where: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split("/") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{where}: column 'seed_values' must be numbers separated by '/', not in data rows "
+                         f"{_rows([i])}") from None
 
 
 def _rows(index: list[int]) -> list[int]:

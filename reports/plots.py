@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.atomic import write_atomic
-from reports.tables import MISSING, parse_ours
+from reports.tables import parse_ours, parse_paper
 
 
 def plot_gaps(df: pd.DataFrame, path: str | os.PathLike) -> Path | None:
@@ -27,10 +27,11 @@ def plot_gaps(df: pd.DataFrame, path: str | os.PathLike) -> Path | None:
         bars = []
         for _, row in df.iterrows():
             ours = parse_ours(row[f"{label} ours"])
-            if row[col] in ("", MISSING) or ours is None:
+            paper = parse_paper(row[col])
+            if paper is None or ours is None:
                 continue
             name = f"{row['method']} {row['preset']}\n{row['backbone']} {row['epochs']}ep"
-            bars.append((name, ours[0], ours[1] or 0.0, float(row[col])))
+            bars.append((name, ours[0], ours[1] or 0.0, paper))
         if bars:
             panels.append((label, bars))
     if not panels:

@@ -6,55 +6,86 @@ without a finished record shows "— (<status>)" instead of vanishing from the r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from harness.atomic import write_text
+from reports.datasets import describe, describe_known, identify, load_datasets
+from reports.verdict import legend, verdict
 
 GROUP = ("method", "preset", "backbone", "epochs")
 MISSING = "—"
 # Shown for a stage without a done record, worst first: a failure needs a person, a queue does not.
-_STATUS_ORDER = ("failed", "no metric", "running", "pending")
+_STATUS_ORDER = ("damaged", "failed", "pretrain damaged", "pretrain failed", "no metric", "running", "pending",
+                 "not launched")
 _OURS = re.compile(r"^(-?\d+\.\d+)(?: ± (\d+\.\d+))? \(n=(\d+)\)$")
+OTHER_DATA, DATA_UNKNOWN = "other data", "data unknown"
+# Record fields the table reads (besides metric.*); the rest stays in the frame for other uses.
+RECORD_FIELDS = ("cell_id", "stage_id", "stage", "status", "created_at", "headline_metric", "gpu_hours", "cpu_hours",
+                "wall_time_s", "img_per_s", "hardware", "data_fingerprint", "code")
 
 
-def comparison_table(expected: pd.DataFrame, records: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.DataFrame | list[dict[str, Any]],
+                     paper: pd.DataFrame, tolerance: float = 0.0,
+                     confidence: float = 0.95, datasets: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per (method, preset, backbone, epochs) of ``expected``; see the module docstring.
 
-    For each (evaluation, protocol) among the expected evaluation stages: ``<protocol> ours``,
-    ``<protocol> paper``, ``<protocol> Δ`` and ``<protocol> verdict`` (empty where a row does not expect
-    that protocol); then ``deviations``, ``seeds`` (seeds with every stage done / expected seeds),
-    ``GPU-h`` and ``wall`` (summed over every matched record, failed ones included: they cost the same)
-    and ``img/s`` (mean over done pre-training records). Records are matched on (cell_id, stage_id).
+    First ``key`` (R1, R2, ...: the anchor of the row's footnotes). For each (evaluation, protocol) among
+    the expected evaluation stages: ``<protocol> ours``, ``<protocol> paper`` (with the paper's own seed
+    spread where it gives one), ``<protocol> source`` (footnote id of the paper number), ``<protocol> Δ`` and
+    ``<protocol> verdict`` (reports/verdict.py; empty where a row does not expect that protocol). A paper
+    number joins only when the run's recorded data fingerprints identify the paper's datasets
+    (reports/datasets.py); other data is a deviation and gets no Δ. Then ``deviations`` (full text),
+    ``seeds`` (seeds with every stage done / expected seeds), ``GPU-h`` / ``CPU-h`` / ``wall`` (summed over
+    every attempt of every matched record, failed ones included: they cost the same) and ``img/s`` (mean ±
+    std over done pre-training records, per hardware). Records are matched on (cell_id, stage_id).
+
+    ``df.attrs`` holds ``legend`` (the verdict's rule) and ``footnotes`` ({"paper": {id: text}}), which
+    ``to_markdown`` prints under the table.
     """
+    datasets = load_datasets() if datasets is None else datasets
     by_stage = _records_by_stage(records)
-    paper_values = {tuple(r[k] for k in ("method", "backbone", "epochs", "evaluation", "protocol", "metric")):
-                    float(r["value"]) for r in paper.to_dict("records")}
-    rows = [_with_record(r, by_stage) for r in expected.to_dict("records")]
+    papers = {tuple(r[k] for k in ("method", "backbone", "epochs", "evaluation", "protocol", "metric")): r
+              for r in paper.to_dict("records")}
+    expected = expected.to_dict("records") if isinstance(expected, pd.DataFrame) else expected
+    rows = [_with_record(r, by_stage) for r in expected]
+    _mark_blocked(rows)
     protocols = _protocols(rows)
+    notes: dict[str, str] = {}
     out = []
-    for key, group in _groups(rows).items():
-        line: dict[str, Any] = dict(zip(GROUP, key, strict=True))
+    for i, (key, group) in enumerate(_groups(rows).items(), start=1):
+        line: dict[str, Any] = {"key": f"R{i}", **dict(zip(GROUP, key, strict=True))}
+        data_devs: list[str] = []
         for (evaluation, protocol), label in protocols.items():
             cells = [r for r in group if r["evaluation"] == evaluation and r["protocol"] == protocol]
-            line.update(_protocol_columns(label, cells, key, evaluation, protocol, paper_values))
-        line.update(_cost_columns(group))
+            ctx = _Join(key, evaluation, protocol, papers, datasets, notes, tolerance, confidence)
+            line.update(_protocol_columns(label, cells, group, ctx, data_devs))
+        line.update(_cost_columns(group, data_devs))
         out.append(line)
-    per_protocol = [f"{label} {c}" for label in protocols.values() for c in ("ours", "paper", "Δ", "verdict")]
-    columns = [*GROUP, *per_protocol, "deviations", "seeds", "GPU-h", "img/s", "wall"]
-    return pd.DataFrame(out, columns=columns)
+    per_protocol = [f"{label} {c}" for label in protocols.values() for c in ("ours", "paper", "source", "Δ",
+                                                                              "verdict")]
+    columns = ["key", *GROUP, *per_protocol, "deviations", "seeds", "GPU-h", "CPU-h", "img/s", "wall"]
+    df = pd.DataFrame(out, columns=columns)
+    df.attrs["legend"] = legend(tolerance, confidence)
+    df.attrs["footnotes"] = {"paper": notes}
+    return df
 
 
-def _records_by_stage(records: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+def _records_by_stage(records: pd.DataFrame | list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     # If a stage has several records (copied folders, a rerun beside a failure), trust a done one, newest.
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for rec in records.to_dict("records"):
+    if isinstance(records, pd.DataFrame):
+        records = records[[c for c in records.columns if c in RECORD_FIELDS or c.startswith("metric.")]]
+        records = records.to_dict("records")
+    for rec in records:
         key = (rec["cell_id"], rec["stage_id"])
         rank = (rec.get("status") == "done", str(rec.get("created_at") or ""))
         old = best.get(key)
@@ -74,12 +105,24 @@ def _with_record(row: dict[str, Any], by_stage: dict[tuple[str, str], dict[str, 
     if rec is not None and rec.get("status") == "done":
         row["value"] = _num(rec.get(f"metric.{headline}")) if headline else None
         row["state"] = "done" if row["value"] is not None or row["stage"] == "pretrain" else "no metric"
+    elif rec is not None and rec.get("status") == "failed":
+        row["state"] = "failed"  # a record's failure beats what the queue or the ledger last said
     elif row.get("status") not in (None, "pending", "done"):
         # The caller knows (e.g. from the queue) what the records cannot; "done" needs a record, though.
         row["state"] = row["status"]
     else:
         row["state"] = rec.get("status") if rec is not None else "pending"
+    fp = (rec or {}).get("data_fingerprint") or row.get("data_fingerprint")
+    row["data_fingerprint"] = fp if isinstance(fp, dict) else None
     return row
+
+
+def _mark_blocked(rows: list[dict[str, Any]]) -> None:
+    """An evaluation that never ran because its pre-training failed shows "pretrain failed"."""
+    pre = {r["cell_id"]: r["state"] for r in rows if r["stage"] == "pretrain"}
+    for r in rows:
+        if r["stage"] != "pretrain" and r["record"] is None and pre.get(r["cell_id"]) in ("failed", "damaged"):
+            r["state"] = f"pretrain {pre[r['cell_id']]}"
 
 
 def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
@@ -97,14 +140,29 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     return groups
 
 
-def _protocol_columns(label, cells, key, evaluation, protocol, paper_values) -> dict[str, str]:
-    cols = [f"{label} {c}" for c in ("ours", "paper", "Δ", "verdict")]
+@dataclass(frozen=True)
+class _Join:
+    """What one protocol cell of a row is compared against, and under which rule."""
+
+    key: tuple
+    evaluation: str
+    protocol: str
+    papers: dict[tuple, dict[str, Any]]
+    datasets: dict[str, Any]
+    notes: dict[str, str]  # footnote id -> paper source, shared across the table
+    tolerance: float
+    confidence: float
+
+
+def _protocol_columns(label: str, cells: list[dict[str, Any]], group: list[dict[str, Any]], ctx: _Join,
+                      data_devs: list[str]) -> dict[str, str]:
+    cols = [f"{label} {c}" for c in ("ours", "paper", "source", "Δ", "verdict")]
     if not cells:
         return dict.fromkeys(cols, "")
     values = [c["value"] for c in cells if c["state"] == "done" and c["value"] is not None]
     metric = next((c["headline_metric"] for c in cells if c["headline_metric"]), None)
-    method, _, backbone, epochs = key
-    ref = paper_values.get((method, backbone, epochs, evaluation, protocol, metric))
+    method, _, backbone, epochs = ctx.key
+    ref = ctx.papers.get((method, backbone, epochs, ctx.evaluation, ctx.protocol, metric))
     n = len(values)
     mean = statistics.fmean(values) if n else None
     std = statistics.stdev(values) if n >= 2 else None  # sample std: seeds are a sample of runs
@@ -114,16 +172,65 @@ def _protocol_columns(label, cells, key, evaluation, protocol, paper_values) -> 
         ours = f"{mean:.2f} (n=1)"
     else:
         ours = f"{mean:.2f} ± {std:.2f} (n={n})"
-    delta, verdict = MISSING, MISSING
-    if ref is not None and mean is not None:
-        d = mean - ref
-        delta = f"{d:+.2f}"
-        delta = "+0.00" if delta == "-0.00" else delta  # a rounding sign is noise, not a direction
-        if std is None:
-            verdict = "n<2: no spread"
+    paper_text, source, delta, verdict_text = MISSING, "", MISSING, MISSING
+    if ref is not None:
+        match, devs = _data_match(cells, group, ref, ctx.datasets)
+        data_devs += [d for d in devs if d not in data_devs]
+        if match is False:
+            verdict_text = OTHER_DATA
         else:
-            verdict = "within noise" if abs(d) <= 2 * std else "gap"
-    return dict(zip(cols, (ours, _fmt_paper(ref), delta, verdict), strict=True))
+            paper_text, source = _fmt_paper(ref), _paper_note(ref, ctx.notes)
+            if mean is not None and match is None:
+                verdict_text = DATA_UNKNOWN
+            elif mean is not None:
+                d = mean - float(ref["value"])
+                delta = f"{d:+.2f}"
+                delta = "+0.00" if delta == "-0.00" else delta  # a rounding sign is noise, not a direction
+                verdict_text = verdict(values, float(ref["value"]), ref.get("seed_values"), ctx.tolerance,
+                                       ctx.confidence).label
+    return dict(zip(cols, (ours, paper_text, source, delta, verdict_text), strict=True))
+
+
+def _data_match(cells: list[dict[str, Any]], group: list[dict[str, Any]], ref: dict[str, Any],
+                datasets: dict[str, Any]) -> tuple[bool | None, list[str]]:
+    """Were these evaluation cells (and their pre-trainings) run on the paper's datasets?
+
+    True when every fingerprint identifies the paper's dataset, False when one identifies something else
+    (with the deviation texts), None when some stage has no fingerprint (records from before they existed,
+    or a stage that has not started and no manifest fingerprint).
+    """
+    cell_ids = {c["cell_id"] for c in cells}
+    # Released weights were pre-trained by the paper's authors on the paper's data: only the evaluation counts.
+    pres = [r for r in group if r["stage"] == "pretrain" and r["cell_id"] in cell_ids
+            and not str(r.get("preset") or "").endswith("(official weights)")]
+    checks = [(p, ref["pretrain_data"], "data") for p in pres] + \
+             [(c, ref["eval_data"], f"{c['stage']}:data") for c in cells]
+    unknown, devs = False, []
+    for row, wanted, name in checks:
+        fp = row["data_fingerprint"]
+        if fp is None:
+            unknown = True
+            continue
+        seen = identify(fp, datasets)
+        if seen != wanted:
+            text = f"{describe(fp)} (paper: {describe_known(wanted, datasets)})"
+            if not any(d.endswith(f" {text}") for d in devs):  # an evaluation on the same data says nothing new
+                devs.append(f"{name} {text}")
+    if devs:
+        return False, devs
+    return (None if unknown else True), []
+
+
+def _paper_note(ref: dict[str, Any], notes: dict[str, str]) -> str:
+    text = f"{ref['source']}" + ("" if ref.get("verified") else " — UNVERIFIED: not read in the source itself")
+    if ref.get("note"):
+        text += f" ({ref['note']})"
+    for ident, existing in notes.items():
+        if existing == text:
+            return ident
+    ident = f"p{len(notes) + 1}"
+    notes[ident] = text
+    return ident
 
 
 def _worst_state(cells: list[dict[str, Any]]) -> str:
@@ -134,24 +241,41 @@ def _worst_state(cells: list[dict[str, Any]]) -> str:
     return sorted(states)[0] if states else "pending"
 
 
-def _cost_columns(group: list[dict[str, Any]]) -> dict[str, str]:
+def _cost_columns(group: list[dict[str, Any]], data_devs: list[str]) -> dict[str, str]:
     recs = [r["record"] for r in group if r["record"] is not None]
     gpu_h = [v for v in (_num(r.get("gpu_hours")) for r in recs) if v is not None]
+    cpu_h = [v for v in (_num(r.get("cpu_hours")) for r in recs) if v is not None]
     wall = [v for v in (_num(r.get("wall_time_s")) for r in recs) if v is not None]
-    speed = [v for v in (_num(r.get("img_per_s")) for r in recs
-                         if r.get("stage") == "pretrain" and r.get("status") == "done") if v is not None]
-    seeds = list(dict.fromkeys(r["seed"] for r in group))
-    done = [s for s in seeds if all(r["state"] == "done" for r in group if r["seed"] == s)]
+    seed_done: dict[Any, bool] = {}
+    for r in group:
+        seed_done[r["seed"]] = seed_done.get(r["seed"], True) and r["state"] == "done"
+    seeds, done = list(seed_done), [s for s, ok in seed_done.items() if ok]
     return {
-        "deviations": _deviations(group),
+        "deviations": _deviations(group, data_devs),
         "seeds": f"{len(done)}/{len(seeds)}",
         "GPU-h": f"{sum(gpu_h):.3f}" if gpu_h else MISSING,
-        "img/s": f"{statistics.fmean(speed):.1f}" if speed else MISSING,
+        "CPU-h": f"{sum(cpu_h):.3f}" if cpu_h else MISSING,
+        "img/s": _speed(recs),
         "wall": _human_time(sum(wall)) if wall else MISSING,
     }
 
 
-def _deviations(group: list[dict[str, Any]]) -> str:
+def _speed(recs: list[dict[str, Any]]) -> str:
+    """img/s of done pre-trainings, mean ± std per hardware: speeds on different machines do not mix."""
+    by_hw: dict[str, list[float]] = {}
+    for r in recs:
+        v = _num(r.get("img_per_s"))
+        if r.get("stage") == "pretrain" and r.get("status") == "done" and v is not None:
+            hw = r.get("hardware")
+            by_hw.setdefault(hw if isinstance(hw, str) else "", []).append(v)
+    parts = []
+    for hw, vs in by_hw.items():
+        text = f"{statistics.fmean(vs):.1f}" + (f" ± {statistics.stdev(vs):.1f}" if len(vs) > 1 else "")
+        parts.append(f"{text} (n={len(vs)}{', ' + hw if hw else ''})")
+    return "; ".join(parts) or MISSING
+
+
+def _deviations(group: list[dict[str, Any]], data_devs: list[str] = ()) -> str:
     """Settings that differ from the paper recipe: "batch_size 4096→64, epochs 1600→2", sorted by key.
 
     Pre-training deviations are printed bare; an evaluation stage's own deviations (not already listed
@@ -159,14 +283,19 @@ def _deviations(group: list[dict[str, Any]]) -> str:
     """
     base: dict[str, str] = {}
     staged: dict[str, str] = {}
+    seen: set[str] = set()  # the seeds of a row share their deviations: format each distinct set once
     for r in sorted(group, key=lambda r: r["stage"] != "pretrain"):
+        key = json.dumps([r["stage"], r.get("recipe_deviations")], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
         for name, change in (r.get("recipe_deviations") or {}).items():
             text = _fmt_change(change)
             if r["stage"] == "pretrain":
                 base[name] = text
             elif base.get(name) != text:
                 staged[f"{r['stage']}:{name}"] = text
-    parts = [f"{k} {base[k]}" for k in sorted(base)] + [f"{k} {staged[k]}" for k in sorted(staged)]
+    parts = [*data_devs, *(f"{k} {base[k]}" for k in sorted(base)), *(f"{k} {staged[k]}" for k in sorted(staged))]
     text = ", ".join(parts) or "none"
     recipe = next((r.get("paper_recipe") for r in group if r.get("paper_recipe")), None)
     if recipe and recipe != group[0]["preset"]:
@@ -186,9 +315,16 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _fmt_paper(v: float | None) -> str:
-    if v is None:
-        return MISSING
+def _fmt_paper(ref: dict[str, Any]) -> str:
+    """"83.6", plus the paper's own spread where it gives seeds: "83.6 (83.57 ± 0.09, n=4)"."""
+    text = _fmt_number(float(ref["value"]))
+    seeds = ref.get("seed_values") or []
+    if len(seeds) >= 2:
+        text += f" ({statistics.fmean(seeds):.2f} ± {statistics.stdev(seeds):.2f}, n={len(seeds)})"
+    return text
+
+
+def _fmt_number(v: float) -> str:
     # Papers print one decimal; keep a second only where the source has one.
     return f"{v:.1f}" if abs(v * 10 - round(v * 10)) < 1e-9 else f"{v:.2f}"
 
@@ -222,24 +358,73 @@ def parse_ours(text: str) -> tuple[float, float | None, int] | None:
     return float(m.group(1)), (float(m.group(2)) if m.group(2) else None), int(m.group(3))
 
 
+def parse_paper(text: str) -> float | None:
+    """The paper's number back from a ``paper`` cell ("83.6 (83.57 ± 0.09, n=4)" -> 83.6); None if absent."""
+    m = re.match(r"^(-?\d+(?:\.\d+)?)", text or "")
+    return float(m.group(1)) if m else None
+
+
 def to_markdown(df: pd.DataFrame) -> str:
+    """The table, then its legend and footnotes: each row's deviations under its key, each paper number's
+    source (marked when unverified). Long text stays out of the cells so the table stays readable."""
+    notes = (df.attrs.get("footnotes") or {}).get("paper", {})
+    shown = df.copy()
+    for col in [c for c in df.columns if c.endswith(" source")]:
+        paper = col[: -len(" source")] + " paper"
+        shown[paper] = [f"{p} [{ref}{_unverified(notes.get(ref))}]" if ref else p
+                        for p, ref in zip(df[paper], df[col], strict=True)]
+        shown = shown.drop(columns=col)
+    if "deviations" in shown.columns:
+        shown["deviations"] = ["none" if d == "none" else f"see {k}" for k, d in zip(df["key"], df["deviations"],
+                                                                                     strict=True)]
     # disable_numparse: tabulate would otherwise print the paper's "84.0" as "84".
-    return df.to_markdown(index=False, disable_numparse=True)
+    parts = [shown.to_markdown(index=False, disable_numparse=True)]
+    if df.attrs.get("legend"):
+        parts.append(f"Legend: {df.attrs['legend']}")
+    devs = [f"- {k}: {d}" for k, d in zip(df["key"], df["deviations"], strict=True) if d != "none"] \
+        if "deviations" in df.columns else []
+    if devs:
+        parts.append("Deviations from the paper recipe:\n" + "\n".join(devs))
+    used = {ref for col in df.columns if col.endswith(" source") for ref in df[col] if ref}
+    if used:
+        parts.append("Paper numbers:\n" + "\n".join(f"- [{ref}] {notes.get(ref, '?')}" for ref in sorted(
+            used, key=lambda r: int(r[1:]))))
+    return "\n\n".join(parts)
 
 
-def write_report(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.csv`` under ``out_dir``, each atomically."""
+def _unverified(note: str | None) -> str:
+    return ", unverified" if note and "UNVERIFIED" in note else ""
+
+
+REPORT_MARK = "<!-- ssl-repro report of spec {name!r} -->"
+
+
+def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, name: str | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.csv`` under ``out_dir``, each atomically.
+
+    With ``name`` (the spec's), report.md starts with a mark naming it, and an existing report.md marked
+    for another spec is never overwritten (ValueError): ``--out`` pointing at another run's folder must
+    not destroy that run's report.
+    """
     out = Path(out_dir)
-    md = write_text(out / "report.md", to_markdown(df) + "\n")
+    md_text = to_markdown(df) + "\n"
+    if name is not None:
+        owner = report_owner(out / "report.md")
+        if owner not in (None, name):
+            raise ValueError(f"{out / 'report.md'} is the report of spec {owner!r}, not {name!r}")
+        md_text = REPORT_MARK.format(name=name) + "\n\n" + md_text
+    md = write_text(out / "report.md", md_text)
     csv = write_text(out / "report.csv", df.to_csv(index=False))
     return md, csv
 
 
-def with_code_column(table: pd.DataFrame, expected: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+def with_code_column(table: pd.DataFrame, expected: pd.DataFrame | list[dict[str, Any]],
+                     records: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
     """``table`` plus a ``code`` column: the code hash(es) of each row's finished records, so results
     computed by other code than a relaunch's stand out (records before code hashes: "unknown")."""
     by_stage = _records_by_stage(records)
-    rows = [_with_record(r, by_stage) for r in expected.to_dict("records")]
+    expected_rows = expected.to_dict("records") if isinstance(expected, pd.DataFrame) else expected
+    rows = [_with_record(r, by_stage) for r in expected_rows]
     codes = {key: ", ".join(dict.fromkeys(_code_label(r["record"]) for r in group
                                           if r["record"] is not None and r["record"].get("status") == "done"))
              or MISSING for key, group in _groups(rows).items()}
@@ -253,3 +438,14 @@ def _code_label(record: dict[str, Any]) -> str:
     if not isinstance(code, dict) or not code.get("hash"):
         return "unknown"
     return str(code["hash"]) + ("+dirty" if code.get("dirty") else "")
+
+
+def report_owner(path: Path) -> str | None:
+    """The spec name in an existing report's mark; None when there is no report or no mark."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    m = re.match(r"^<!-- ssl-repro report of spec '(.*)' -->$", first.strip())
+    return m.group(1) if m else None

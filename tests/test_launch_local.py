@@ -80,6 +80,24 @@ def test_status_and_report_commands(launched):
     assert (matrix.out / "report.md").exists() and (matrix.out / "report.csv").exists()
 
 
+def test_records_keep_attempts_costs_data_fingerprint_and_launch_writes_a_manifest(launched, tiny_data):
+    _, matrix, _ = launched
+    manifest = json.loads((matrix.out / "launch" / "manifest.json").read_text())
+    assert {s.stage_id for s in matrix.stages()} <= {s["stage_id"] for s in manifest["stages"]}
+    classes = len([d for d in (tiny_data / "synthetic" / "train").iterdir() if d.is_dir()])
+    assert manifest["stages"][0]["data_fingerprint"]["splits"]["train"]["classes"] == classes
+    for stage in matrix.stages():
+        rec = read_record(stage.stage_dir)
+        assert rec["data_fingerprint"]["splits"]["train"]["classes"] == classes
+        assert set(rec["data_fingerprint"]["splits"]) == ({"train"} if stage.stage == "pretrain" else {"train", "val"})
+        (attempt,) = rec["attempts"]
+        assert attempt["status"] == "done" and attempt["device"] == "cpu" and attempt["torch"]
+        assert attempt["python"] and attempt["host"] and attempt["cpu_model"] and attempt["cpu_cores"] >= 1
+        assert rec["wall_time_s"] == attempt["wall_s"] > 0
+        assert rec["cpu_hours"] == pytest.approx(attempt["cpu_cores"] * attempt["wall_s"] / 3600)
+        assert rec["gpu_hours"] == 0.0 and rec["hardware"].startswith("CPU ")
+
+
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperiments: [\n")

@@ -24,6 +24,13 @@ PROTOCOLS = {
     "coco": {"coco/cascade-mrcnn-1x"},
 }
 METHODS = {"ibot", "esvit", "extrema", "dino", "mae", "ropim", "simmim"}
+# What harness/dataset_id.py records for an ImageNet-1k root (the counts of reports/data/datasets.json).
+IMAGENET = {"version": 1, "root": "/datasets/imagenet", "splits": {
+    "train": {"classes": 1000, "images": 1281167, "files_sha256": "0" * 64},
+    "val": {"classes": 1000, "images": 50000, "files_sha256": "1" * 64}}}
+DIGITS = {"version": 1, "root": "data/tiny/digits", "splits": {
+    "train": {"classes": 10, "images": 1437, "files_sha256": "2" * 64},
+    "val": {"classes": 10, "images": 360, "files_sha256": "3" * 64}}}
 
 
 def cell(method, preset, backbone, epochs, seed, evaluation, protocol, deviations=None, paper_recipe=None):
@@ -44,7 +51,7 @@ def write(out: Path, row: dict, status: str = "done", value: float | None = None
     rec = {k: v for k, v in row.items() if k != "status"}
     rec.update(schema_version=1, status=status, metrics={} if value is None else {"top1": value},
                wall_time_s=60.0, gpu_hours=0.5, img_per_s=100.0 if row["stage"] == "pretrain" else None,
-               created_at="2026-01-01T00:00:00+00:00")
+               created_at="2026-01-01T00:00:00+00:00", data_fingerprint=IMAGENET)
     rec.update(extra)
     path = out / row["cell_id"] / row["stage"] / "record.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +80,11 @@ def test_three_seeds_mean_std_within_noise_against_real_paper_row(tmp_path):
     assert row[f"{KNN} ours"] == "77.20 ± 0.20 (n=3)"
     assert row[f"{KNN} paper"] == "77.1"  # iBOT arXiv v3 Tab. 1
     assert row[f"{KNN} Δ"] == "+0.10"
-    assert row[f"{KNN} verdict"] == "within noise"
+    assert row[f"{KNN} verdict"] == "consistent"  # 77.1 in 77.2 ± t(0.975, 2)·0.2/√3 = [76.70, 77.70]
     assert row["seeds"] == "3/3"
     assert row["GPU-h"] == "3.000"  # 6 records x 0.5
     assert row["wall"] == "6m 00s"
-    assert row["img/s"] == "100.0"
+    assert row["img/s"] == "100.0 ± 0.0 (n=3)"  # no hardware recorded: one group
     assert parse_ours(row[f"{KNN} ours"]) == (77.2, 0.2, 3)
 
 
@@ -102,7 +109,7 @@ def test_gap_and_single_seed_verdicts(tmp_path):
     assert dino["linear/dino ours"] == "76.00 (n=1)"
     assert dino["linear/dino paper"] == "77.0"
     assert dino["linear/dino Δ"] == "-1.00"
-    assert dino["linear/dino verdict"] == "n<2: no spread"
+    assert dino["linear/dino verdict"] == "n<2: no test"
 
 
 def test_missing_cells_are_shown_with_their_status(tmp_path):
@@ -117,7 +124,7 @@ def test_missing_cells_are_shown_with_their_status(tmp_path):
     assert len(df) == 3
     mae, ibot, dino = by_method(df, "mae"), by_method(df, "ibot"), by_method(df, "dino")
     assert mae["finetune/mae-lrd ours"] == "— (pending)"
-    assert mae["finetune/mae-lrd paper"] == "83.6"
+    assert mae["finetune/mae-lrd paper"] == "83.6 (83.57 ± 0.09, n=4)"  # the paper's four fine-tune seeds
     assert mae["finetune/mae-lrd Δ"] == "—"
     assert mae["seeds"] == "0/1"
     assert ibot["finetune/beit-lrd ours"] == "— (failed)"
@@ -196,6 +203,7 @@ def test_paper_csv_is_clean():
 
 def test_paper_loader_names_the_bad_column(tmp_path):
     good = load_paper_numbers()
+    good["seed_values"] = ["/".join(f"{v:g}" for v in vs) for vs in good["seed_values"]]  # back to CSV text
     path = tmp_path / "p.csv"
     good.drop(columns=["note"]).to_csv(path, index=False)
     with pytest.raises(ValueError, match="note"):
