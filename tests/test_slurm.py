@@ -175,7 +175,8 @@ def test_a_queued_job_runs_the_launched_code_or_stops_on_the_identity_check(slur
         matrix = expand(spec)
         stage = matrix.cells[0].pretrain
         job = slurm_job(matrix, stage.key)
-        assert sacct(job.job_id, "State") == "PENDING"
+        held = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True, text=True)
+        assert held.stdout.split() == ["PENDING", "JobHeldUser"], held.stdout
         launched[name] = (repo, stage, job, out.stdout)
     snap_line = launched["snap"][3].splitlines()[0]
     assert snap_line.startswith(f"code snapshot {tmp_path / 'runs-snap' / 'code'}") and "MiB" in snap_line
