@@ -135,7 +135,8 @@ def _pack(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, l
     return out, shared
 
 
-def _unpack(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+def unpack(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The stage rows of a manifest, shared values put back; None for a malformed one."""
     shared, stages = manifest.get("shared"), manifest.get("stages")
     if not isinstance(shared, dict) or not isinstance(stages, list):
         return None
@@ -180,7 +181,7 @@ def open_run(spec_path: str | os.PathLike, cli_out: str | os.PathLike | None = N
     if (manifest is None or manifest.get("manifest_version") != MANIFEST_VERSION
             or manifest.get("spec_sha256") != spec_hash(spec)):
         return None
-    stages = _unpack(manifest)
+    stages = unpack(manifest)
     if stages is None:
         return None
     return Run(name=name, out=out, stages=stages, settings=report_settings(spec), from_manifest=True)
