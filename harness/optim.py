@@ -122,7 +122,7 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, no_weight_decay: set
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        inner = name[len(prefix):] if prefix and name.startswith(prefix) else None
+        inner = name[len(prefix):] if name.startswith(prefix) else None
         no_decay = p.ndim == 1 or (inner or name) in no_weight_decay
         lid = layer_id(inner) if inner is not None else num_layers
         key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
