@@ -12,6 +12,7 @@ from torchvision.datasets import ImageFolder
 
 from harness.api import EvalInputs
 from harness.data import SeededAugmentDataset
+from harness.stages import write_progress
 from harness.train import TrainRun
 
 
@@ -69,9 +70,12 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 def run_to_end(inputs: EvalInputs, run: TrainRun) -> dict[str, Any]:
-    """Train under the stage's checkpoint: a preemption saves ``run`` and the requeued job resumes it."""
+    """Train under the stage's checkpoint: a preemption saves ``run`` and the requeued job resumes it.
+    Rank 0 reports progress to the stage folder (``repro status``), as pre-training does."""
+    main = inputs.dist is None or inputs.dist.is_main
+    progress = (lambda s, n, info: write_progress(run.stage_dir, s, n, info)) if main else None
     inputs.track(run)
     try:
-        return run.run()
+        return run.run(on_progress=progress)
     finally:
         inputs.track(None)
