@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from evaluations.features import eval_transform, extract_features, image_folder
+from evaluations.features import cached_features, image_folder
 from harness.api import EvalInputs, Metrics, register_evaluation
 from harness.errors import UserError
 
@@ -124,12 +123,12 @@ class KNNConfig:
             )
 
 
-@register_evaluation("knn", KNNConfig)
+@register_evaluation("knn", KNNConfig, resources="eval")
 def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics:
-    """DINO weighted k-NN: train/ and val/ through the same eval transform, features per FeatureSpec.knn."""
-    transform = eval_transform(inputs.img_size)
-    train_set = image_folder(inputs.data_root, "train", transform)
-    val_set = image_folder(inputs.data_root, "val", transform)
+    """DINO weighted k-NN: train/ and val/ through the same eval transform, features per FeatureSpec.knn
+    (from the export's feature cache when another evaluation already extracted them)."""
+    train_set = image_folder(inputs.data_root, "train")
+    val_set = image_folder(inputs.data_root, "val")
     # ImageFolder numbers classes by sorted folder name, so both splits must hold the same names.
     if train_set.classes != val_set.classes:
         raise UserError(
@@ -138,19 +137,9 @@ def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics:
             f"({len(train_set.classes)} vs {len(val_set.classes)})",
             "give both splits the same class folders",
         )
-
-    def features(dataset):
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            num_workers=inputs.num_workers,
-            pin_memory=inputs.device.type == "cuda",
-        )
-        return extract_features(inputs.backbone, loader, inputs.feature_spec.knn, inputs.device)
-
-    train_features, train_labels = features(train_set)
-    val_features, val_labels = features(val_set)
+    pool = inputs.feature_spec.knn
+    train_features, train_labels, train_info = cached_features(inputs, "train", pool, batch_size=cfg.batch_size)
+    val_features, val_labels, _ = cached_features(inputs, "val", pool, batch_size=cfg.batch_size)
     values = knn_classify(
         train_features,
         train_labels,
@@ -168,7 +157,8 @@ def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics:
             "n_train": len(train_set),
             "n_val": len(val_set),
             "feature_dim": train_features.shape[1],
-            "pool": inputs.feature_spec.knn,
+            "pool": pool,
             "ks_effective": [min(k, len(train_set)) for k in cfg.ks],
+            "feature_cache": train_info["cache"],
         },
     )

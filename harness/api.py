@@ -38,11 +38,17 @@ def register_method(name: str):
     return decorator
 
 
-def register_evaluation(name: str, config_cls: type):
-    """``@register_evaluation("knn", KNNConfig) def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics``."""
+def register_evaluation(name: str, config_cls: type, resources: str | None = None,
+                        check_data: Callable[[str, Any], None] | None = None):
+    """``@register_evaluation("knn", KNNConfig) def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics``.
+
+    ``resources``: the key of the spec's ``resources:`` block this evaluation runs with (default: its
+    name; a spec without that block falls back to ``eval``). ``check_data(root, cfg)``: a cheap layout
+    check run at launch (default: ``train/`` and ``val/`` ImageFolders)."""
 
     def decorator(fn: Callable[[EvalInputs, Any], Metrics]) -> Callable[[EvalInputs, Any], Metrics]:
-        EVALUATIONS.register(name)(Evaluation(name=name, run=fn, config_cls=config_cls))
+        EVALUATIONS.register(name)(Evaluation(name=name, run=fn, config_cls=config_cls,
+                                              resources=resources or name, check_data=check_data))
         return fn
 
     return decorator
@@ -53,6 +59,8 @@ class Evaluation:
     name: str
     run: Callable[[EvalInputs, Any], Metrics]
     config_cls: type
+    resources: str = "eval"
+    check_data: Callable[[str, Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,14 +141,20 @@ class Metrics:
     """Evaluation output: values in percent, a protocol tag, and which value is the headline."""
 
     values: dict[str, float]
-    protocol: str
+    protocol: str  # the protocol family the report's columns key on, e.g. "linear/dino"
     headline: str = "top1"
     extra: dict[str, Any] = field(default_factory=dict)
+    tag: str | None = None  # the full tag with the chosen sweep point, e.g. "linear:dino@lr0.003,n4"
 
 
 @dataclass
 class EvalInputs:
-    """What an evaluation receives: the exported backbone, ready, and where its data lies."""
+    """What an evaluation receives: the exported backbone, ready, and where its data lies.
+
+    An evaluation that trains builds its own copy with ``build_backbone(drop_path_rate=..., trainable=True,
+    grad_checkpointing=...)``, runs ``harness.train.TrainRun`` over ``spec`` and ``dist``, and hands that
+    run to ``track`` so that a preemption checkpoints it (the requeued job resumes it exactly).
+    Only rank 0 writes; ``cache_dir`` holds features shared by the evaluations of one export."""
 
     backbone: nn.Module  # timm model built with num_classes=0, in eval mode, on ``device``
     feature_spec: FeatureSpec
@@ -149,6 +163,13 @@ class EvalInputs:
     device: torch.device
     num_workers: int
     seed: int
+    stage_dir: Path | None = None
+    spec: Any = None  # the StageSpec (identity, seed, stage folder) a TrainRun needs
+    dist: Any = None  # harness.distributed.DistInfo
+    build_backbone: Callable[..., nn.Module] | None = None
+    export_sha256: str = ""
+    cache_dir: Path | None = None
+    track: Callable[[Any], None] = lambda run: None
 
 
 class Method(nn.Module):

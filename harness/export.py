@@ -60,13 +60,15 @@ def build_timm(timm_name: str, timm_kwargs: dict[str, Any], timm_module: str | N
     return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
 
 
-def load_export(folder: str | Path) -> tuple[torch.nn.Module, FeatureSpec, dict[str, Any]]:
+def load_export(folder: str | Path, **timm_overrides: Any) -> tuple[torch.nn.Module, FeatureSpec, dict[str, Any]]:
+    """The exported backbone; ``timm_overrides`` (e.g. ``drop_path_rate`` for fine-tuning) change how it is
+    built, not its weights."""
     folder = Path(folder)
     if not (folder / WEIGHTS).exists() or not (folder / META).exists():
         raise UserError("checkpoint", f"no exported backbone in {str(folder)!r}",
                         "run (or re-run) the pre-training stage that writes it")
     meta = json.loads((folder / META).read_text())
-    model = build_timm(meta["timm_name"], meta["timm_kwargs"], meta.get("timm_module"))
+    model = build_timm(meta["timm_name"], {**meta["timm_kwargs"], **timm_overrides}, meta.get("timm_module"))
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:

@@ -19,7 +19,9 @@ from typing import Any
 
 import submitit
 
+from harness.api import EVALUATIONS
 from harness.atomic import read_json_state, write_json
+from harness.config import make_eval_config
 from harness.data import check_layout
 from harness.dataset_id import fingerprint
 from harness.errors import UserError
@@ -137,6 +139,7 @@ def launch(matrix: Matrix, executor: str, cli_resources: dict[str, Any] | None =
     # Bad data folders fail here, in one line, before anything is submitted or written.
     for root, splits in _data_roots(matrix).items():
         check_layout(root, splits)
+    _check_eval_data(matrix)
     write_manifest(matrix, load_spec(matrix.spec_path),
                    {root: fingerprint(root, splits) for root, splits in _data_roots(matrix).items()})
     folder = matrix.out / "submitit"
@@ -169,8 +172,23 @@ def _other_code(matrix: Matrix, done_keys: list[str], code_hash: str) -> list[st
 def _data_roots(matrix: Matrix) -> dict[str, tuple[str, ...]]:
     roots: dict[str, set[str]] = defaultdict(set)
     for s in matrix.stages():
-        roots[s.data_root] |= {"train"} if s.stage == PRETRAIN else {"train", "val"}
+        if s.stage == PRETRAIN or EVALUATIONS.get(s.stage, "evaluation").check_data is None:
+            roots[s.data_root] |= {"train"} if s.stage == PRETRAIN else {"train", "val"}
     return {root: tuple(sorted(splits)) for root, splits in roots.items()}
+
+
+def _check_eval_data(matrix: Matrix) -> None:
+    """Evaluations that declare their own data check (e.g. a low-shot subset file) run it once per setting."""
+    seen: set[str] = set()
+    for s in matrix.stages():
+        if s.stage == PRETRAIN:
+            continue
+        evaluation = EVALUATIONS.get(s.stage, "evaluation")
+        key = json.dumps([s.stage, s.data_root, s.eval_config], sort_keys=True, default=str)
+        if evaluation.check_data is not None and key not in seen:
+            seen.add(key)
+            evaluation.check_data(s.data_root, make_eval_config(evaluation.config_cls, s.eval_config,
+                                                                f"eval_overrides.{s.stage}"))
 
 
 def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Ledger, result: LaunchResult,

@@ -175,7 +175,16 @@ def expand(path: str | Path, out: str | Path | None = None, overrides: dict[str,
     experiments = spec.get("experiments")
     if not isinstance(experiments, list) or not experiments:
         raise UserError("experiments", "must be a non-empty list", "add at least one experiment")
-    res_pre, res_eval = resources_for(spec, "pretrain"), resources_for(spec, "eval")
+    res_pre = resources_for(spec, "pretrain")
+    # Per-evaluation blocks (resources.finetune, ...) fall back to resources.eval.
+    res_blocks = _require_mapping(spec.get("resources"), "resources")
+    known = {"pretrain", "eval"} | {EVALUATIONS.get(n, "evaluation").resources for n in EVALUATIONS.names()}
+    for key in res_blocks:
+        if key not in known:
+            raise UserError(f"resources.{key}", "unknown resources block",
+                            f"use one of: {', '.join(sorted(known))}")
+    res_eval = {key: resources_for(spec, key) for key in res_blocks if key != "pretrain"}
+    res_eval.setdefault("eval", {})
     cli_over = dict(overrides or {})
     cells: dict[str, Cell] = {}
     for i, exp in enumerate(experiments):
@@ -278,13 +287,16 @@ def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, eval
         cfg_obj = make_eval_config(evaluation.config_cls, raw, f"{where}.eval_overrides.{ev}")
         eval_cfg = json.loads(json.dumps(dataclasses.asdict(cfg_obj)))
         eval_root = str(data.get(ev, pre_root))
+        # An evaluation's own recipe deviations (e.g. a cached linear probe) join the cell's.
+        eval_devs = {**devs, **(cfg_obj.deviations() if hasattr(cfg_obj, "deviations") else {})}
         stage_ident = eval_identity(cell_id, str(ev), eval_cfg, eval_root)
         stage_id = digest(stage_ident)
         stages.append(StageSpec(stage=str(ev), stage_id=stage_id, data_root=eval_root,
                                 stage_dir=str(cell_dir / f"{ev}-{stage_id}"), eval_config=eval_cfg,
                                 protocol=cfg_obj.protocol(), headline_metric=cfg_obj.headline,
-                                resources=res_eval, identity={"cell": cell_ident, "stage": stage_ident},
-                                eval_overrides=dict(raw), **common))
+                                resources=res_eval.get(evaluation.resources, res_eval["eval"]),
+                                identity={"cell": cell_ident, "stage": stage_ident},
+                                eval_overrides=dict(raw), **{**common, "recipe_deviations": eval_devs}))
     return Cell(pretrain=pretrain, evaluations=tuple(stages))
 
 

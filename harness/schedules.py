@@ -35,7 +35,19 @@ def half_cycle_schedule(base: float, final: float, epochs: int, iters_per_epoch:
     return out
 
 
-SCHEDULES = {"cosine": cosine_schedule, "half_cycle": half_cycle_schedule}
+def epoch_cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int,
+                          warmup_epochs: float = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=epochs, eta_min=final)`` stepped once per epoch
+    (DINO ``eval_linear.py``): constant within an epoch. Optional linear warm-up over whole epochs."""
+    e = np.arange(epochs * iters_per_epoch) // iters_per_epoch
+    out = final + 0.5 * (base - final) * (1 + np.cos(np.pi * e / epochs))
+    if warmup_epochs:
+        warm = e < warmup_epochs
+        out[warm] = start_warmup + (base - start_warmup) * e[warm] / warmup_epochs
+    return out
+
+
+SCHEDULES = {"cosine": cosine_schedule, "half_cycle": half_cycle_schedule, "epoch_cosine": epoch_cosine_schedule}
 
 
 def _after_step_updates(values: np.ndarray) -> np.ndarray:

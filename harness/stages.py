@@ -29,7 +29,7 @@ from harness.matrix import PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
 from harness.records import begin_attempt, end_attempt, hardware_info, read_record, write_record
 from harness.snapshot import running_code, verify_snapshot
-from harness.train import PretrainRun, peak_memory_mb
+from harness.train import PretrainRun, TrainRun, peak_memory_mb
 
 
 def _job_id() -> str | None:
@@ -114,35 +114,60 @@ def import_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     return record
 
 
-def eval_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
+def backbone_builder(export_dir: Path, device: torch.device):
+    """``build(drop_path_rate=0, trainable=False, grad_checkpointing=False)``: a fresh copy of the exported
+    backbone on ``device``, frozen in eval mode or trainable in train mode."""
+
+    def build(drop_path_rate: float = 0.0, trainable: bool = False, grad_checkpointing: bool = False):
+        model, _, _ = load_export(export_dir, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.requires_grad_(trainable)
+        return model.to(device).train(trainable)
+
+    return build
+
+
+def eval_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = None) -> dict[str, Any]:
     stage_dir = Path(spec.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     pre = read_record(spec.pretrain_dir)
     if pre is None or pre.get("status") != "done":
         raise UserError("pretrain", f"stage {spec.pretrain_dir} has no finished record",
-                        "run (or re-launch) the matrix so pre-training finishes first")
+                        "run (or re-run) the matrix so pre-training finishes first")
     t0 = time.time()
     export_dir = Path(spec.pretrain_dir) / "export"
     backbone, feature_spec, meta = load_export(export_dir)
-    backbone = backbone.to(dist.device).eval()
+    backbone = backbone.to(dist.device).eval().requires_grad_(False)
     evaluation = EVALUATIONS.get(spec.stage, "evaluation")
     cfg = make_eval_config(evaluation.config_cls, spec.eval_config, f"eval_overrides.{spec.stage}")
     img_size = int(meta["timm_kwargs"].get("img_size", 224))
+    export_sha = ckpt.sha256(export_dir / WEIGHTS)
+
+    def track(run: Any) -> None:
+        if runner is not None:
+            runner.active = run
+
     inputs = EvalInputs(backbone=backbone, feature_spec=feature_spec, data_root=Path(spec.data_root),
                         img_size=img_size, device=dist.device, num_workers=min(4, os.cpu_count() or 1),
-                        seed=spec.seed)
-    metrics = evaluation.run(inputs, cfg)
+                        seed=spec.seed, stage_dir=stage_dir, spec=spec, dist=dist,
+                        build_backbone=backbone_builder(export_dir, dist.device), export_sha256=export_sha,
+                        cache_dir=Path(spec.pretrain_dir) / "feature_cache", track=track)
+    try:
+        metrics = evaluation.run(inputs, cfg)
+    finally:
+        track(None)
     wall = time.time() - t0
     peak, peak_kind = peak_memory_mb(dist.device)
     record = {
         **_base_record(spec, dist),
-        "status": "done", "protocol": metrics.protocol, "metrics": metrics.values,
-        "headline_metric": metrics.headline, "metrics_extra": metrics.extra,
+        "status": "done", "protocol": metrics.protocol, "protocol_tag": metrics.tag or metrics.protocol,
+        "metrics": metrics.values, "headline_metric": metrics.headline, "metrics_extra": metrics.extra,
         "checkpoint": {"path": str(export_dir / WEIGHTS), "step": pre["checkpoint"]["step"],
-                       "sha256": ckpt.sha256(export_dir / WEIGHTS)},
-        "wall_time_s": wall, "gpu_hours": wall * (1 if dist.device.type == "cuda" else 0) / 3600,
-        "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "img_per_s": None,
-        "resumed_from_step": None, "error": None,
+                       "sha256": export_sha},
+        "wall_time_s": wall, "gpu_hours": wall * (dist.world_size if dist.device.type == "cuda" else 0) / 3600,
+        "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "img_per_s": metrics.extra.get("img_per_s"),
+        "resumed_from_step": metrics.extra.get("resumed_from_step"), "error": None,
     }
     if dist.is_main:
         write_record(stage_dir, record)
@@ -164,7 +189,7 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
             if dist.is_main and record["status"] != "done":
                 end_attempt(spec.stage_dir, record["status"])
             return record
-        return eval_main(spec, dist)
+        return eval_main(spec, dist, runner)
     except Exception as e:
         if dist.is_main:
             fail = {**_base_record(spec, dist), "status": "failed", "protocol": spec.stage, "metrics": {},
@@ -178,10 +203,11 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
 
 
 class StageRunner(submitit.helpers.Checkpointable):
-    """The callable submitit runs. ``active`` is the running pre-training, for ``checkpoint()``."""
+    """The callable submitit runs. ``active`` is the running training loop (a pre-training or an
+    evaluation that trains), for ``checkpoint()``."""
 
     def __init__(self) -> None:
-        self.active: PretrainRun | None = None
+        self.active: TrainRun | None = None
 
     def __call__(self, spec: StageSpec) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))))

@@ -1,4 +1,4 @@
-"""The generic pre-training loop every method runs through.
+"""The generic training loop every method (and every training evaluation) runs through.
 
 Per iteration: schedules (lr, weight decay, teacher momentum) -> method.training_step under autocast ->
 backward -> clipping -> optimiser step -> method.after_step (EMA, centers). Randomness inside a step
@@ -38,6 +38,7 @@ from harness.data import (
 from harness.distributed import DistInfo
 from harness.errors import NonFiniteLossError, UserError
 from harness.export import save_export
+from harness.optim import build_optimizer
 from harness.schedules import SCHEDULES, cosine_schedule
 from harness.tb import TrainingCurves
 
@@ -107,7 +108,7 @@ def optimisation_step(model: Method, forward: torch.nn.Module, optimizer: torch.
     pre-step hook -> optimiser -> the method's after-step (EMA). ``forward`` is ``model`` or its DDP
     wrapper. Returns the detached loss terms; nothing here waits for the device."""
     for g in optimizer.param_groups:
-        g["lr"] = state.lr
+        g["lr"] = state.lr * g.get("lr_scale", 1.0)  # layer-wise decay and per-head lrs scale the schedule
         if g.get("apply_wd", True):
             g["weight_decay"] = state.weight_decay
     device_type = next(model.parameters()).device.type
@@ -125,23 +126,23 @@ def optimisation_step(model: Method, forward: torch.nn.Module, optimizer: torch.
     return {k: v.detach().float() for k, v in out.items()}
 
 
-class PretrainRun:
-    """One pre-training stage in one process (one rank of a multi-process job)."""
+class TrainRun:
+    """The generic loop in one process (one rank of a multi-process job), over any ``model`` with the
+    ``Method`` step interface (``training_step``, ``after_step``, ``on_before_optimizer_step``,
+    ``param_groups``): pre-training (``PretrainRun``) and the evaluations that train (linear probes,
+    fine-tuning) share its schedules, autocast, clipping, checkpoints, exact resume and USR2 handling.
+    The dataset yields ``(batch, label)`` for keys ``(index, epoch)`` (``SeededAugmentDataset``)."""
 
-    def __init__(self, spec: Any, dist: DistInfo) -> None:
-        self.spec, self.dist = spec, dist
+    def __init__(self, spec: Any, dist: DistInfo, train: TrainConfig, model: torch.nn.Module, dataset: Any,
+                 optimizer: str = "adamw", momentum: float = 0.9, desc: str = "train") -> None:
+        self.spec, self.dist, self.train, self.desc = spec, dist, train, desc
         self.stage_dir = Path(spec.stage_dir)
         self.ckpt_path = self.stage_dir / "ckpt" / CKPT_NAME
-        method_cls: type[Method] = METHODS.get(spec.method, "method")
-        self.train, self.method_cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
         t = self.train
         if t.batch_size % dist.world_size:
             raise UserError("overrides.batch_size", f"{t.batch_size} is not divisible by {dist.world_size} "
                             "processes", "choose a batch size that is a multiple of the GPU count")
-        seed_everything(mix_seed(spec.seed, 0x1417))  # same initial weights on every rank
-        self.model = method_cls(self.method_cfg, t).to(dist.device)
-        base = image_folder(spec.data_root, "train")
-        self.dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed)
+        self.model, self.dataset = model, dataset
         self.sampler = ResumableSampler(len(self.dataset), t.batch_size, dist.world_size, dist.rank, spec.seed)
         self.ipe = self.sampler.batches_per_epoch
         if self.ipe == 0:
@@ -149,13 +150,12 @@ class PretrainRun:
                             f"images in {spec.data_root}", "lower batch_size or use a larger dataset")
         self.total_steps = t.epochs * self.ipe
         self.sched = Schedules.build(t, self.ipe)
-        fused = dist.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(), lr=t.lr, betas=t.betas, eps=t.eps,
-                                           weight_decay=t.weight_decay, fused=fused)
+        self.optimizer = build_optimizer(optimizer, self.model.param_groups(), t.lr, t.weight_decay, t.betas,
+                                         t.eps, momentum, dist.device)
         self.amp_dtype = autocast_dtype(t.precision, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.ddp = self.model
-        if dist.world_size > 1:
+        if dist.world_size > 1 and any(p.requires_grad for p in self.model.parameters()):
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.step = 0
@@ -217,7 +217,7 @@ class PretrainRun:
         t, dist = self.train, self.dist
         max_steps = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, mininterval=5,
-                   desc=f"pretrain {self.spec.method}/{self.spec.preset} s{self.spec.seed}")
+                   desc=f"{self.desc} {self.spec.method}/{self.spec.preset} s{self.spec.seed}")
         sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
         n_in_interval, t_interval, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), self.step
@@ -276,6 +276,20 @@ class PretrainRun:
             if self.curves is not None:
                 self.curves.log(entry, self._state(self.step - 1))
         return entry
+
+
+
+class PretrainRun(TrainRun):
+    """One pre-training stage: the method's model, its augmentations, AdamW over its param groups."""
+
+    def __init__(self, spec: Any, dist: DistInfo) -> None:
+        method_cls: type[Method] = METHODS.get(spec.method, "method")
+        train, self.method_cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
+        seed_everything(mix_seed(spec.seed, 0x1417))  # same initial weights on every rank
+        model = method_cls(self.method_cfg, train).to(dist.device)
+        base = image_folder(spec.data_root, "train")
+        dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed)
+        super().__init__(spec, dist, train, model, dataset, optimizer="adamw", desc="pretrain")
 
     def export(self) -> Path | None:
         if not self.dist.is_main:

@@ -53,7 +53,9 @@ def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.
     """
     datasets = load_datasets() if datasets is None else datasets
     by_stage = _records_by_stage(records)
-    papers = {tuple(r[k] for k in ("method", "backbone", "epochs", "evaluation", "protocol", "metric")): r
+    # Keyed by protocol family, not evaluation name: linear, linear_mae and linear_mocov3 are all "linear"
+    # in the paper table, told apart by their protocol (linear/dino, linear/mae-lars, linear/mocov3).
+    papers = {tuple(r[k] for k in ("method", "backbone", "epochs", "protocol", "metric")): r
               for r in paper.to_dict("records")}
     expected = expected.to_dict("records") if isinstance(expected, pd.DataFrame) else expected
     rows = [_with_record(r, by_stage) for r in expected]
@@ -162,7 +164,7 @@ def _protocol_columns(label: str, cells: list[dict[str, Any]], group: list[dict[
     values = [c["value"] for c in cells if c["state"] == "done" and c["value"] is not None]
     metric = next((c["headline_metric"] for c in cells if c["headline_metric"]), None)
     method, _, backbone, epochs = ctx.key
-    ref = ctx.papers.get((method, backbone, epochs, ctx.evaluation, ctx.protocol, metric))
+    ref = ctx.papers.get((method, backbone, epochs, ctx.protocol, metric))
     n = len(values)
     mean = statistics.fmean(values) if n else None
     std = statistics.stdev(values) if n >= 2 else None  # sample std: seeds are a sample of runs
