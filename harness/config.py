@@ -8,6 +8,7 @@ setting that neither has is a one-line error.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,11 +35,12 @@ class TrainConfig:
     clip_mode: Literal["global", "per_param"] = "global"
     momentum_teacher: float = 0.996  # EMA momentum start (cosine to momentum_teacher_end per iteration)
     momentum_teacher_end: float = 1.0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 too)
     num_workers: int = 4
     ckpt_every_steps: int = 0  # 0: only at the end of each epoch (and on preemption)
     log_every: int = 20
     max_steps: int = 0  # >0 stops after this many steps (debugging, tests); the schedule is unchanged
+    bad_images: Literal["fail", "skip"] = "fail"  # unreadable images: stop the job, or leave them out and count
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "lr_batch_denom", "log_every")
@@ -65,10 +67,22 @@ class TrainConfig:
 
 
 def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    """YAML gives lists where configs want tuples; numbers may come as ints for floats."""
+    """YAML gives lists where configs want tuples; numbers may come as ints for floats, and YAML 1.1
+    reads ``1e-4`` (no dot) as a string; a bool is never a number although Python says it is an int."""
     ftype = str(field.type)
     if isinstance(value, list) and ftype.startswith("tuple"):
         return tuple(value)
+    if isinstance(value, bool) and ftype.startswith(("int", "float")):
+        raise UserError(where, f"expects a number, got {value!r}", "write a number, not true/false")
+    if isinstance(value, str) and ftype.startswith("float"):
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(where, f"expects a number, got {value!r}", "write a number such as 1.5e-4") from None
+    choices = re.findall(r"'([^']*)'|\"([^\"]*)\"", ftype) if ftype.startswith("Literal") else []
+    if choices and value not in {a or b for a, b in choices}:
+        allowed = ", ".join(a or b for a, b in choices)
+        raise UserError(where, f"unknown value {value!r}", f"choose one of: {allowed}")
     if isinstance(value, int) and not isinstance(value, bool) and ftype.startswith("float"):
         return float(value)
     if ftype.startswith("int") and not isinstance(value, int):
@@ -103,6 +117,8 @@ def resolve(method_cls: type, preset_name: str, overrides: dict[str, Any], where
         method_cfg = method_cls.config_cls(**method_kw)
     except TypeError as e:  # a required setting missing from the preset
         raise UserError(where, str(e), "add the missing setting to the preset or overrides") from None
+    except UserError as e:
+        raise explain_preset_value(e, method_cls, preset_name, overrides or {}) from None
     flat = {**dataclasses.asdict(train), **dataclasses.asdict(method_cfg)}
     return train, method_cfg, flat
 
@@ -120,12 +136,33 @@ def recipe_deviations(method_cls: type, preset_name: str, flat: dict[str, Any]) 
         if key in _BOOKKEEPING or _same(ours, theirs):
             continue
         devs[key] = [theirs, ours]
+    ours_p = _gpu_precision(flat.get("precision", "auto"))
+    paper_p = getattr(method_cls, "recipe_precision", None) or _gpu_precision(paper_flat.get("precision", "auto"))
+    if ours_p != paper_p:  # excluded above as bookkeeping, but a recipe's own precision is part of it
+        devs["precision"] = [paper_p, ours_p]
     return paper_name, devs
+
+
+def _gpu_precision(precision: str) -> str:
+    # What the setting means on the GPUs the recipes are written for ("auto" is bf16 there).
+    return "bf16" if precision == "auto" else precision
+
+
+def explain_preset_value(err: UserError, method_cls: type, preset_name: str, overrides: dict[str, Any]
+                         ) -> UserError:
+    """A check failed on a setting the user never wrote: say which preset value it comes from."""
+    key = err.field.rsplit(".", 1)[-1]
+    value = method_cls.presets[preset_name].values.get(key)
+    if key in overrides or value is None:
+        return err
+    note = f" (you did not set {key}: preset {method_cls.name}/{preset_name} sets {value.value!r}, from " \
+           f"{value.source}; override it to change it)"
+    return UserError(err.field, err.problem + note, err.fix)
 
 
 # Settings that do not change what is computed (logging, loader workers, checkpoint cadence, where
 # to stop): they are not part of a cell's identity, so changing them resumes the same cell.
-NOT_IDENTITY = frozenset({"num_workers", "ckpt_every_steps", "log_every", "max_steps"})
+NOT_IDENTITY = frozenset({"num_workers", "ckpt_every_steps", "log_every", "max_steps", "bad_images"})
 # ... nor of the recipe comparison (precision changes numerics, so it is identity but not recipe).
 _BOOKKEEPING = NOT_IDENTITY | {"precision"}
 
