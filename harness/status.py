@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.launch import ACTIVE_STATES, Ledger, job_state
+from harness.launch import ACTIVE_STATES, Ledger, dependency_blocked, job_state
 from harness.matrix import Matrix, StageSpec
 from harness.records import read_record
 
@@ -30,7 +30,10 @@ def stage_status(stage: StageSpec, ledger: Ledger, query_slurm: bool = True) -> 
         return out
     slurm = ledger.slurm_job(stage.key) if query_slurm else None
     sstate = job_state(slurm) if slurm is not None else None
-    if sstate in ACTIVE_STATES:
+    if sstate == "PENDING" and dependency_blocked(slurm.job_id):
+        out["state"] = "blocked"  # its pre-training failed or was cancelled: it would wait forever
+        out["error"] = "dependency never satisfied; 'repro launch' cancels and resubmits it"
+    elif sstate in ACTIVE_STATES:
         out["state"] = "running" if sstate in {"RUNNING", "COMPLETING"} else "pending"
     elif rec is not None and rec.get("status") == "failed":
         out["state"], out["error"] = "failed", rec.get("error")
