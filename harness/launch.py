@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -194,9 +193,11 @@ def preflight(matrix: Matrix, on_event: Callable[[str], None] | None = None) -> 
             on_event(f"warning: {scan.describe_bad()}: left out (bad_images: skip)")
     checked: set[str] = set()
     for stage in matrix.stages():
-        if stage.stage != PRETRAIN or stage.import_from or stage.cell_id in checked:
+        # Seeds do not change what these checks see: one per method, preset, overrides and data.
+        what = json.dumps([stage.method, stage.preset, stage.overrides, stage.data_root], sort_keys=True, default=str)
+        if stage.stage != PRETRAIN or stage.import_from or what in checked:
             continue
-        checked.add(stage.cell_id)
+        checked.add(what)
         _check_pretrain(stage, scans[(stage.data_root, "train")])
     return scans
 
@@ -282,7 +283,7 @@ def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Le
             rec = read_record(stage.stage_dir) or {}
             mine = rec.get("status") == "failed" and str(rec.get("job_id")) == str(job.job_id)
             result.failed[stage.key] = rec["error"] if mine and rec.get("error") else _job_error_line(
-                str(e), _exit_code(job), str(job.paths.stderr))
+                str(e), str(job.paths.stderr))
             on_event(f"  {_label(stage)}: FAILED: {result.failed[stage.key]}")
             if stage.stage == PRETRAIN:
                 failed_cells.add(stage.cell_id)
@@ -340,29 +341,19 @@ def _follow(job: submitit.Job, stage: StageSpec, on_event: Callable[[str], None]
                  + (f"  {ips:.1f} img/s" if isinstance(ips, (int, float)) else "") + f"  ETA {eta}")
 
 
-def _exit_code(job: submitit.Job) -> int | None:
-    process = getattr(job, "_process", None)
-    return process.poll() if process is not None else None
-
-
 _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|it/s|s/it")
 _ERROR = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)(:|$)|^Killed\b")
 
 
-def _job_error_line(text: str, exit_code: int | None, log: str) -> str:
+def _job_error_line(text: str, log: str) -> str:
     """The real error of a job that wrote no record: the last exception line of its output, never a
-    progress-bar line; for a job killed without a word, the signal and where its log is."""
+    progress-bar line; for a job killed without a word (submitit's local controller does not keep the
+    task's exit status), say so and where its log is."""
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines()]
     for line in reversed(lines):
         if line and not _PROGRESS.search(line) and _ERROR.match(line):
             return line[:300]
-    if exit_code is not None and exit_code < 0:
-        how = f"killed by {signal.Signals(-exit_code).name}"
-    elif exit_code:
-        how = f"exit code {exit_code}"
-    else:
-        how = "no error message"
-    return f"the job ended without a result ({how}; out of memory or killed?); see its log {log}"
+    return f"the job ended without a result or an error message (killed, or out of memory?); see its log {log}"
 
 
 def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, cli_res: dict, ledger: Ledger,
