@@ -127,7 +127,9 @@ def _pending_stages(matrix: Matrix, ledger: Ledger, executor: str, result: Launc
         state = job_state(job) if job is not None else None
         parent_resubmitted = stage.stage != PRETRAIN and any(
             s.key == f"{stage.cell_id}/{PRETRAIN}" for s in todo)
-        if state == "PENDING" and (parent_resubmitted or dependency_blocked(job.job_id)):
+        # sacct may not list a pending job yet ("UNKNOWN"); squeue's reason is what says it is stuck.
+        blocked = state in {"PENDING", "UNKNOWN"} and dependency_blocked(job.job_id)
+        if blocked or (state == "PENDING" and parent_resubmitted):
             job.cancel(check=False)  # it waits on a job that failed or is being replaced: it would never run
             result.replaced[stage.key] = job.job_id
         elif state in ACTIVE_STATES | {"UNKNOWN"}:

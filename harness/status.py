@@ -30,7 +30,7 @@ def stage_status(stage: StageSpec, ledger: Ledger, query_slurm: bool = True) -> 
         return out
     slurm = ledger.slurm_job(stage.key) if query_slurm else None
     sstate = job_state(slurm) if slurm is not None else None
-    if sstate == "PENDING" and dependency_blocked(slurm.job_id):
+    if sstate in {"PENDING", "UNKNOWN"} and dependency_blocked(slurm.job_id):
         out["state"] = "blocked"  # its pre-training failed or was cancelled: it would wait forever
         out["error"] = "dependency never satisfied; 'repro launch' cancels and resubmits it"
     elif sstate in ACTIVE_STATES:
