@@ -182,6 +182,9 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_cls: ClassVar[type]
     presets: ClassVar[dict[str, Preset]] = {}
+    # The paper recipe's precision where its presets run another one (they say "auto": bf16 on GPU);
+    # the recipe-deviation list then shows it.
+    recipe_precision: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any, train: Any) -> None:
         super().__init__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -118,7 +119,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.hold and args.executor != "slurm":
         raise UserError("--hold", "only SLURM jobs can be held", "use --executor slurm")
     if args.dry_run:
+        from harness.launch import check_executor, preflight
         from harness.records import is_done
+
+        check_executor(args.executor)
+        preflight(matrix, _say)  # what launch checks before submitting, without submitting
 
         rows = [{"stage": s.key, "method": s.method, "preset": s.preset, "seed": s.seed,
                  "done": is_done(s.stage_dir)} for s in matrix.stages()]
@@ -126,7 +131,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             print("overrides on every experiment:", " ".join(args.overrides))
         print(_table(rows))
         return 0
-    result = launch(matrix, args.executor, res, args.snapshot)
+    result = launch(matrix, args.executor, res, args.snapshot, on_event=_say)
     if result.snapshot is not None:
         print(result.snapshot.describe())
     print(f"{matrix.name}: submitted {len(result.submitted)}, already done {len(result.skipped_done)}, "
@@ -141,6 +146,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     for key, err in result.failed.items():
         print(f"  FAILED {key}: {err}")
     return 1 if result.failed else 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -191,7 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     matrix = _expand(args)
     for s in matrix.stages():
         if s.cell_id == args.cell and s.stage == args.stage:
-            record = run_stage(s)
+            record = run_stage(s)  # a finished stage is not run again: its record is returned
             print(f"{s.key}: {record['status']} {record['metrics']}")
             return 0
     raise UserError("--cell", f"no stage {args.cell}/{args.stage} in {args.spec}", "see 'repro status SPEC'")
@@ -248,12 +257,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the caller's warning display afterwards
             warnings.showwarning = _one_line_warning
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+    except OSError as e:  # a run folder that cannot be written, a full disk: the fix is the user's
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.ENOTDIR, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or ''}: {e.strerror} (while running 'repro {args.command}'); "
+              "choose a writable run folder (--out) or free space there", file=sys.stderr)
+        return 2
+
+
+def _closed_pipe() -> int:
+    """`repro ... | head`: the reader left. Later writes (and the exit flush) must not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    print("error: output: the pipe was closed before all output was written (e.g. '| head'); "
+          "redirect to a file ('> out.txt') to keep all of it", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

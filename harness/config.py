@@ -38,11 +38,12 @@ class TrainConfig:
     clip_mode: Literal["global", "per_param"] = "global"
     momentum_teacher: float = 0.996  # EMA momentum start (cosine to momentum_teacher_end per iteration)
     momentum_teacher_end: float = 1.0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 too)
     num_workers: int = 4
     ckpt_every_steps: int = 0  # 0: only at the end of each epoch (and on preemption)
     log_every: int = 20
     max_steps: int = 0  # >0 stops after this many steps (debugging, tests); the schedule is unchanged
+    bad_images: Literal["fail", "skip"] = "fail"  # unreadable images: stop the job, or leave them out and count
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "lr_batch_denom", "log_every")
@@ -145,6 +146,8 @@ def resolve(method_cls: type, preset_name: str, overrides: dict[str, Any], where
         method_cfg = method_cls.config_cls(**method_kw)
     except TypeError as e:  # a required setting missing from the preset
         raise UserError(where, str(e), "add the missing setting to the preset or overrides") from None
+    except UserError as e:
+        raise explain_preset_value(e, method_cls, preset_name, overrides or {}) from None
     flat = {**dataclasses.asdict(train), **dataclasses.asdict(method_cfg)}
     return train, method_cfg, flat
 
@@ -175,12 +178,33 @@ def recipe_deviations(method_cls: type, preset_name: str, flat: dict[str, Any]) 
         if key in _BOOKKEEPING or _same(ours, theirs):
             continue
         devs[key] = [theirs, ours]
+    ours_p = _gpu_precision(flat.get("precision", "auto"))
+    paper_p = getattr(method_cls, "recipe_precision", None) or _gpu_precision(paper_flat.get("precision", "auto"))
+    if ours_p != paper_p:  # excluded above as bookkeeping, but a recipe's own precision is part of it
+        devs["precision"] = [paper_p, ours_p]
     return paper_name, devs
+
+
+def _gpu_precision(precision: str) -> str:
+    # What the setting means on the GPUs the recipes are written for ("auto" is bf16 there).
+    return "bf16" if precision == "auto" else precision
+
+
+def explain_preset_value(err: UserError, method_cls: type, preset_name: str, overrides: dict[str, Any]
+                         ) -> UserError:
+    """A check failed on a setting the user never wrote: say which preset value it comes from."""
+    key = err.field.rsplit(".", 1)[-1]
+    value = method_cls.presets[preset_name].values.get(key)
+    if key in overrides or value is None:
+        return err
+    note = f" (you did not set {key}: preset {method_cls.name}/{preset_name} sets {value.value!r}, from " \
+           f"{value.source}; override it to change it)"
+    return UserError(err.field, err.problem + note, err.fix)
 
 
 # Settings that do not change what is computed (logging, loader workers, checkpoint cadence, where
 # to stop): they are not part of a cell's identity, so changing them resumes the same cell.
-NOT_IDENTITY = frozenset({"num_workers", "ckpt_every_steps", "log_every", "max_steps"})
+NOT_IDENTITY = frozenset({"num_workers", "ckpt_every_steps", "log_every", "max_steps", "bad_images"})
 # ... nor of the recipe comparison (precision changes numerics, so it is identity but not recipe).
 _BOOKKEEPING = NOT_IDENTITY | {"precision"}
 

@@ -8,6 +8,7 @@ worker runs it or on what ran before.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -21,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from harness.errors import UserError
+from harness.errors import DataError, UserError
 
+log = logging.getLogger(__name__)
 _LAYOUT = "expected ROOT/{train,val}/<class>/<image>"
 _FIX = "point data.root at such a folder (test data: repro data tiny --out DIR)"
 
@@ -83,20 +85,43 @@ def mix_seed(*parts: int) -> int:
 class SeededAugmentDataset(Dataset):
     """Wraps an ImageFolder; ``__getitem__((index, epoch))`` seeds the RNGs, then augments."""
 
-    def __init__(self, base: ImageFolder, transform: Callable[[Any], Any], seed: int) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: ImageFolder, transform: Callable[[Any], Any], seed: int,
+                 bad_images: str = "fail") -> None:
+        self.base, self.transform, self.seed, self.bad_images = base, transform, seed, bad_images
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         index, epoch = key
-        path, label = self.base.samples[index]
-        img = self.base.loader(path)
+        img, label = self._load(index)
         seed_everything(mix_seed(self.seed, epoch, index))
         if hasattr(self.transform, "set_epoch"):  # e.g. iBOT masks start at pred_start_epoch
             self.transform.set_epoch(epoch)
         return self.transform(img), label
+
+
+    def _load(self, index: int, tries: int = 16) -> tuple[Any, int]:
+        """The image at ``index``; one that fails to decode (the launch scan reads headers only) stops
+        the job naming the file, or with ``bad_images: skip`` its next readable neighbour stands in."""
+        path, label = self.base.samples[index]
+        try:
+            return self.base.loader(path), label
+        except Exception as e:
+            if self.bad_images != "skip" or tries == 0:
+                raise DataError("data", f"unreadable image {path} ({type(e).__name__}: {e})",
+                                "remove or replace the file, or set bad_images: skip") from None
+            log.warning("bad_images: skip: %s is unreadable (%s); its neighbour stands in", path, e)
+            return self._load((index + 1) % len(self.base.samples), tries - 1)
+
+
+def drop_unreadable(base: ImageFolder, bad_paths: set[str]) -> int:
+    """Leave the files a scan found unreadable out of ``base``; returns how many were left out."""
+    keep = [s for s in base.samples if s[0] not in bad_paths]
+    dropped = len(base.samples) - len(keep)
+    base.samples = base.imgs = keep
+    base.targets = [label for _, label in keep]
+    return dropped
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):

@@ -18,3 +18,17 @@ class UserError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf. Training stops; the last good checkpoint is kept."""
+
+
+class DataError(UserError):
+    """A data file the loader cannot read (one line naming the file).
+
+    Raised in a loader worker, it reaches the main process through torch's ExceptionWrapper, which
+    rebuilds it from a single string holding the worker's whole traceback: keep only its last line.
+    """
+
+    def __init__(self, field: str, problem: str = "", fix: str = "") -> None:
+        if not problem and "\n" in field:
+            last = field.rstrip().splitlines()[-1]
+            field, problem = "", last.split(": ", 1)[-1] if last.startswith(("harness.", "DataError")) else last
+        super().__init__(field, problem, fix)

@@ -149,7 +149,8 @@ def resources_for(spec: dict[str, Any], stage_kind: str) -> dict[str, Any]:
         raise UserError(f"resources.{stage_kind}.{sorted(bad)[0]}", "unknown resource",
                         f"use: {', '.join(sorted(RESOURCE_KEYS))}")
     for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min"):
-        if key in block and (not isinstance(block[key], int) or block[key] < (0 if key == "gpus_per_node" else 1)):
+        if key in block and (not isinstance(block[key], int) or isinstance(block[key], bool)
+                             or block[key] < (0 if key == "gpus_per_node" else 1)):
             raise UserError(f"resources.{stage_kind}.{key}", f"must be a positive integer, got {block[key]!r}",
                             "fix the value")
     return block

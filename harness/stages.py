@@ -7,9 +7,13 @@ spec; the requeued job finds the checkpoint and resumes.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import signal
 import time
 import traceback
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,12 @@ from harness.dataset_id import fingerprint, stage_splits
 from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
 from harness.export import WEIGHTS, load_export, save_export
+from harness.locks import LockBusy, stage_lock, watch_launcher
 from harness.matrix import PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
 from harness.records import begin_attempt, end_attempt, hardware_info, read_record, write_record
 from harness.snapshot import running_code, verify_snapshot
-from harness.train import PretrainRun, TrainRun, peak_memory_mb
+from harness.train import PretrainRun, TrainRun, peak_memory_mb, precision_used
 
 
 def _job_id() -> str | None:
@@ -71,6 +76,8 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
         if runner is not None:
             runner.active = None
     finished = run.step >= run.total_steps
+    if finished and not result["final"]:  # resumed at the last step: nothing ran in this attempt
+        result = {**result, **rebuild_from_log(stage_dir, run.train.batch_size)}
     export = run.export() if finished else None
     wall = time.time() - t0
     peak, peak_kind = peak_memory_mb(dist.device)
@@ -87,10 +94,74 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
         "gpu_hours": wall * (dist.world_size if dist.device.type == "cuda" else 0) / 3600,
         "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "img_per_s": result["img_per_s"],
         "resumed_from_step": result["resumed_from_step"], "error": None,
+        "precision": precision_used(run.train.precision, dist.device), "precision_requested": run.train.precision,
+        "skipped_images": run.skipped_images,
     }
+    if result.get("rebuilt_from"):
+        record["rebuilt_from"] = result["rebuilt_from"]
+        record["wall_time_s"] = wall + result["train_seconds"]
     if dist.is_main and finished:
-        write_record(stage_dir, record)
+        return write_unless_worse(stage_dir, record)
     return record
+
+
+def rebuild_from_log(stage_dir: Path, batch_size: int) -> dict[str, Any]:
+    """The result of a run whose steps all ran in earlier attempts, from its metrics log: the last
+    logged values, and the time and throughput summed over the logged intervals."""
+    path = stage_dir / "metrics.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    seconds, images, prev = 0.0, 0, 0
+    for e in entries:
+        n = (e["step"] - prev) * batch_size
+        if e.get("img_per_s"):
+            seconds += n / e["img_per_s"]
+            images += n
+        prev = e["step"]
+    return {"final": entries[-1] if entries else {}, "train_seconds": seconds,
+            "img_per_s": images / seconds if seconds > 0 else 0.0, "rebuilt_from": path.name}
+
+
+def _worse(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    if old is None or old.get("status") != "done":
+        return False
+    return new.get("status") != "done" or (bool(old.get("metrics")) and not new.get("metrics"))
+
+
+def write_unless_worse(stage_dir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
+    """A finished record is never replaced by a failed or emptier one; returns the record kept."""
+    try:
+        old = read_record(stage_dir)
+    except ValueError:  # a damaged record is no result to protect
+        old = None
+    if _worse(record, old):
+        return old
+    write_record(stage_dir, record)
+    return record
+
+
+def finished_record(spec: StageSpec) -> dict[str, Any] | None:
+    try:
+        rec = read_record(spec.stage_dir)
+    except ValueError:
+        return None
+    return rec if rec is not None and rec.get("status") == "done" and rec.get("stage_id") == spec.stage_id else None
+
+
+def stop_loader_workers() -> None:
+    """Loader workers ignore SIGTERM (preemption signals are for the main process), so a failing job
+    would wait forever at exit for multiprocessing to join them: end them now. torch's SIGCHLD handler
+    would report each as "killed by signal", which is ours, so it is muted meanwhile."""
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def import_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
@@ -110,7 +181,7 @@ def import_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     }
     if dist.is_main:
         save_export(exported, stage_dir / "export")
-        write_record(stage_dir, record)
+        return write_unless_worse(stage_dir, record)
     return record
 
 
@@ -170,16 +241,22 @@ def eval_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = None
         "resumed_from_step": metrics.extra.get("resumed_from_step"), "error": None,
     }
     if dist.is_main:
-        write_record(stage_dir, record)
+        return write_unless_worse(stage_dir, record)
     return record
 
 
 def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, Any]:
     """Run one stage in this process; a failure writes a 'failed' record (one line) and re-raises."""
     dist = init_distributed()
-    if dist.is_main:  # every attempt is kept, so that failed and preempted ones are counted too
-        begin_attempt(spec.stage_dir, hardware_info(dist.device.type, dist.world_size), _job_id())
+    held = ExitStack()
     try:
+        done = finished_record(spec)
+        if done is not None:  # running it again could only lose its metrics
+            return done
+        if dist.is_main:
+            held.enter_context(stage_lock(spec.stage_dir, _job_id()))
+            # every attempt is kept, so that failed and preempted ones are counted too
+            begin_attempt(spec.stage_dir, hardware_info(dist.device.type, dist.world_size), _job_id())
         verify_identity(spec)  # a job queued while the code changed stops here, before any compute
         verify_snapshot(running_code())
         if spec.stage == PRETRAIN:
@@ -191,14 +268,16 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
             return record
         return eval_main(spec, dist, runner)
     except Exception as e:
-        if dist.is_main:
+        if dist.is_main and not isinstance(e, LockBusy):  # a refusal must not touch the holder's stage
             fail = {**_base_record(spec, dist), "status": "failed", "protocol": spec.stage, "metrics": {},
                     "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                     "traceback_tail": traceback.format_exc().splitlines()[-6:],
                     "failed_at": datetime.now(UTC).isoformat()}
-            write_record(spec.stage_dir, fail)
+            write_unless_worse(spec.stage_dir, fail)
         raise
     finally:
+        stop_loader_workers()
+        held.close()
         destroy()
 
 
@@ -211,6 +290,7 @@ class StageRunner(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: StageSpec) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))))
+        watch_launcher(lambda: signal.raise_signal(signal.SIGINT))  # local jobs end with their launcher
         return run_stage(spec, self)
 
     def checkpoint(self, spec: StageSpec) -> submitit.helpers.DelayedSubmission:

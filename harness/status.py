@@ -9,6 +9,7 @@ warning naming it; its stage shows as "damaged".
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
                  "DEADLINE"}
+BLOCKED = "BLOCKED"  # pseudo-state: pending on a dependency that can never be met (squeue's reason)
 BROKEN = ("failed", "damaged")  # a pre-training in one of these states blocks its evaluations
 
 
@@ -45,7 +47,25 @@ def slurm_states(entries: dict[str, dict[str, Any]]) -> dict[str, str]:
     for job_id in slurm.values():
         watcher.register_job(job_id)
     watcher.update()  # an unreachable sacct logs a warning and leaves every state UNKNOWN
-    return {k: watcher.get_state(j, mode="cache").split()[0] for k, j in slurm.items()}
+    states = {k: watcher.get_state(j, mode="cache").split()[0] for k, j in slurm.items()}
+    # sacct may not list a freshly pending job yet (UNKNOWN); squeue knows it, and why it waits.
+    waiting = {k: slurm[k] for k, s in states.items() if s in {"PENDING", "UNKNOWN"}}
+    blocked = blocked_jobs(list(waiting.values()))
+    return {k: BLOCKED if waiting.get(k) in blocked else s for k, s in states.items()}
+
+
+def blocked_jobs(job_ids: list[str]) -> set[str]:
+    """Jobs (of ``job_ids``) pending on a dependency that can never be met, from one ``squeue`` call."""
+    if not job_ids:
+        return set()
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %r"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    wanted = set(job_ids)
+    return {job for job, _, reason in (line.partition(" ") for line in out.stdout.splitlines())
+            if job in wanted and "DependencyNeverSatisfied" in reason}
 
 
 def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slurm: dict[str, str]) -> dict[str, Any]:
@@ -64,7 +84,10 @@ def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slur
         out["state"] = "done"
         return out
     sstate = slurm.get(key)
-    if sstate in ACTIVE_STATES:
+    if sstate == BLOCKED:
+        out["state"] = "blocked"  # its pre-training failed or was cancelled: it would wait forever
+        out["error"] = "dependency never satisfied; 'repro launch' cancels and resubmits it"
+    elif sstate in ACTIVE_STATES:
         out["state"] = "running" if sstate in {"RUNNING", "COMPLETING"} else "pending"
     elif damage:
         out["state"], out["error"] = "damaged", f"{os.path.join(stage['stage_dir'], 'record.json')}: {damage}"

@@ -31,10 +31,12 @@ from harness.data import (
     ResumableSampler,
     SeededAugmentDataset,
     build_loader,
+    drop_unreadable,
     image_folder,
     mix_seed,
     seed_everything,
 )
+from harness.datacheck import cache_dir_for, run_dir_of, scan_split
 from harness.distributed import DistInfo
 from harness.errors import NonFiniteLossError, UserError
 from harness.export import save_export
@@ -65,9 +67,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision_used(precision, device)]
+
+
+def precision_used(precision: str, device: torch.device) -> str:
+    """The precision a run actually uses: "auto" is bf16 on GPU; on a CPU fp16 autocast is emulated and
+    its matmuls are ~30x slower than fp32 (the paper presets say fp16), so a CPU runs fp32 instead."""
+    if device.type != "cuda":
+        return "bf16" if precision == "bf16" else "fp32"
+    return "bf16" if precision == "auto" else precision
 
 
 @dataclass
@@ -161,6 +169,7 @@ class TrainRun:
         self.step = 0
         self.resumed_from_step: int | None = None
         self.curves: TrainingCurves | None = None  # rank 0's TensorBoard writer, while run() runs
+        self.saved_step: int | None = None  # step of the checkpoint on disk, if any
         if self.ckpt_path.exists():
             self._load(ckpt.load(self.ckpt_path))
 
@@ -172,7 +181,7 @@ class TrainRun:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step = self.resumed_from_step = int(state["step"])
+        self.step = self.resumed_from_step = self.saved_step = int(state["step"])
         ckpt.set_rng_state(state["rng"])
         if self.dist.is_main:
             self._truncate_metrics(self.step)
@@ -188,6 +197,7 @@ class TrainRun:
         """Rank 0 writes; state is consistent because this runs only between steps."""
         if not self.dist.is_main:
             return None
+        self.saved_step = self.step
         return ckpt.save(self.ckpt_path, {
             "stage_id": self.spec.stage_id,
             "model": self.model.state_dict(),
@@ -259,9 +269,11 @@ class TrainRun:
                 "train_seconds": elapsed, "resumed_from_step": self.resumed_from_step}
 
     def _nonfinite(self) -> NonFiniteLossError:
+        kept = (f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) was kept"
+                if self.saved_step is not None else "no checkpoint had been written yet")
         return NonFiniteLossError(f"non-finite loss before step {self.step} of {self.spec.method}/"
-                                  f"{self.spec.preset} (seed {self.spec.seed}); the last good checkpoint "
-                                  f"{self.ckpt_path} was kept: lower the lr or enable clip_grad")
+                                  f"{self.spec.preset} (seed {self.spec.seed}); {kept}: lower the lr or "
+                                  "enable clip_grad")
 
     def _log(self, sums: dict[str, torch.Tensor], n: int, nonfinite: torch.Tensor, seconds: float) -> dict:
         """The one host sync of an interval: read the accumulated loss terms."""
@@ -288,13 +300,21 @@ class PretrainRun(TrainRun):
         seed_everything(mix_seed(spec.seed, 0x1417))  # same initial weights on every rank
         model = method_cls(self.method_cfg, train).to(dist.device)
         base = image_folder(spec.data_root, "train")
-        dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed)
+        skipped = _skip_unreadable(base, Path(spec.stage_dir)) if train.bad_images == "skip" else 0
+        dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed, train.bad_images)
         super().__init__(spec, dist, train, model, dataset, optimizer="adamw", desc="pretrain")
+        self.skipped_images = skipped
 
     def export(self) -> Path | None:
         if not self.dist.is_main:
             return None
         return save_export(self.model.export_backbone(), self.stage_dir / "export")
+
+
+def _skip_unreadable(base: Any, stage_dir: Path) -> int:
+    """``bad_images: skip``: leave out what the (cached) header scan finds unreadable."""
+    scan = scan_split(base.root, cache_dir_for(run_dir_of(stage_dir)))
+    return drop_unreadable(base, {path for path, _ in scan.bad})
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

@@ -110,6 +110,7 @@ _COMMON = dict(
 @register_method("mae")
 class MAE(Method):
     config_cls = MAEConfig
+    recipe_precision = "fp16"  # main_pretrain.py: torch.cuda.amp.autocast() + NativeScaler (GradScaler)
     presets = {
         "vit_base": preset(
             "MAE ViT-B/16, 1600 epochs (the paper's main ImageNet-1k result)",

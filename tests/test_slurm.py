@@ -235,3 +235,28 @@ def test_finetune_preempted_on_the_cluster_resumes_from_its_checkpoint(slurm_clu
     expected = {m["step"]: m["loss"] for m in read_metrics(reference.stage_dir)}
     assert all(m["loss"] == expected[m["step"]] for m in trajectory)
     assert read_record(reference.stage_dir)["metrics"] == rec["metrics"]
+
+
+def _pending_reason(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_cancelled_pretraining_blocks_its_evaluation_and_relaunch_replaces_both(slurm_cluster, tmp_path,
+                                                                                  tiny_data):
+    path = write_spec(tmp_path / "b.yaml", tiny_data / "digits", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [5], "overrides": {"epochs": 200},
+                        "evaluations": ["knn"]}], resources={"pretrain": CPU1, "eval": CPU1})
+    matrix = expand(path)
+    pre, knn = matrix.cells[0].pretrain, matrix.cells[0].evaluations[0]
+    launch(matrix, "slurm")
+    pre_job, knn_job = slurm_job(matrix, pre.key), slurm_job(matrix, knn.key)
+    pre_job.cancel()
+    # Without kill_invalid_depend the evaluation would wait forever, holding its place in the queue.
+    wait_until(lambda: _pending_reason(knn_job.job_id) == "DependencyNeverSatisfied", 90, "the dependency to fail")
+    assert status_rows(matrix)[0]["knn"].startswith(f"blocked [{knn_job.job_id}]")
+    again = launch(expand(path), "slurm")
+    assert set(again.submitted) == {pre.key, knn.key} and again.replaced == {knn.key: knn_job.job_id}
+    wait_until(lambda: sacct(knn_job.job_id).startswith("CANCELLED"), 60, "the orphan to be cancelled")
+    new_knn = slurm_job(matrix, knn.key)
+    assert new_knn.job_id != knn_job.job_id
+    assert _pending_reason(new_knn.job_id) in {"Dependency", "None", "Resources", "Priority"}
