@@ -29,7 +29,7 @@ from evaluations.classify import LabelledAugmentDataset, run_to_end, topk_accura
 from evaluations.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, image_folder, pool_tokens
 from harness.api import EvalInputs, Metrics, register_evaluation
 from harness.config import TrainConfig
-from harness.data import _seed_everything, mix_seed
+from harness.data import seed_everything, mix_seed
 from harness.errors import UserError
 from harness.optim import backbone_layer_rule, param_groups_lrd
 from harness.train import TrainRun
@@ -269,7 +269,7 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> tuple[
 def build_finetuner(inputs: EvalInputs, cfg: FinetuneConfig, num_classes: int) -> Finetuner:
     pool = cfg.pool or inputs.feature_spec.finetune
     pool = "avg" if pool == "avg_norm" else pool
-    _seed_everything(mix_seed(inputs.seed, 0xF17E))  # same head init on every rank and every restart
+    seed_everything(mix_seed(inputs.seed, 0xF17E))  # same head init on every rank and every restart
     backbone = inputs.build_backbone(drop_path_rate=cfg.value("drop_path"), trainable=True,
                                      grad_checkpointing=cfg.grad_checkpointing)
     net = FinetuneNet(backbone, pool, num_classes).to(inputs.device)

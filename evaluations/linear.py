@@ -38,7 +38,7 @@ from evaluations.classify import (
 from evaluations.features import IMAGENET_MEAN, IMAGENET_STD, cached_features, image_folder, spec_features
 from harness.api import EvalInputs, Metrics, register_evaluation
 from harness.config import TrainConfig
-from harness.data import _seed_everything, mix_seed
+from harness.data import seed_everything, mix_seed
 from harness.errors import UserError
 from harness.train import TrainRun
 
@@ -231,7 +231,7 @@ def run_probe(inputs: EvalInputs, cfg: LinearConfig, train_indices: torch.Tensor
     else:
         fit_idx, held_idx = pool_idx, None
     num_classes = len(image_folder(inputs.data_root, "val").classes)
-    _seed_everything(mix_seed(inputs.seed, 0x11EA))  # same head init on every rank and every restart
+    seed_everything(mix_seed(inputs.seed, 0x11EA))  # same head init on every rank and every restart
     if cfg.mode == "cached":
         dataset = FeatureDataset(tr_feats[fit_idx.to(tr_feats.device)], tr_labels[fit_idx.to(tr_labels.device)])
         featurize, workers = None, 0

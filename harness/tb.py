@@ -34,13 +34,15 @@ class TrainingCurves:
 
     @classmethod
     def for_run(cls, run: Any) -> TrainingCurves:
-        """The curves of a ``PretrainRun`` (its stage folder, resume step, cell settings and method)."""
+        """The curves of a ``TrainRun`` (its stage folder, resume step, cell settings, and the method's own
+        scalars when the model is a method plugin; an evaluation's model has none)."""
         spec = run.spec
         hparams = {"method": spec.method, "preset": spec.preset, "seed": spec.seed, "backbone": spec.backbone,
                    "cell_id": spec.cell_id, "lr": run.train.lr,
                    **{k: getattr(run.train, k) for k in _KEY_SETTINGS}}
         hparams.update({f"override/{k}": v for k, v in spec.overrides.items()})
-        return cls(run.stage_dir / TB_DIR, run.resumed_from_step, _plain(hparams), run.model.curve_scalars)
+        return cls(run.stage_dir / TB_DIR, run.resumed_from_step, _plain(hparams),
+                   getattr(run.model, "curve_scalars", None))
 
     def log(self, entry: dict[str, Any], state: StepState) -> None:
         """One log interval: ``entry`` is the metrics.jsonl line (its loss terms averaged over the interval),
