@@ -29,7 +29,7 @@ from evaluations.classify import LabelledAugmentDataset, run_to_end, topk_accura
 from evaluations.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, image_folder, pool_tokens
 from harness.api import EvalInputs, Metrics, register_evaluation
 from harness.config import TrainConfig
-from harness.data import seed_everything, mix_seed
+from harness.data import mix_seed, seed_everything
 from harness.errors import UserError
 from harness.optim import backbone_layer_rule, param_groups_lrd
 from harness.train import TrainRun

@@ -38,7 +38,7 @@ from evaluations.classify import (
 from evaluations.features import IMAGENET_MEAN, IMAGENET_STD, cached_features, image_folder, spec_features
 from harness.api import EvalInputs, Metrics, register_evaluation
 from harness.config import TrainConfig
-from harness.data import seed_everything, mix_seed
+from harness.data import mix_seed, seed_everything
 from harness.errors import UserError
 from harness.train import TrainRun
 
