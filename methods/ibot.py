@@ -31,7 +31,13 @@ from methods.heads import DINOHead
 from methods.masking import MASK_SHAPES, BlockMaskGenerator, MaskedMultiCrop
 from methods.multicrop import forward_per_resolution
 from methods.official import backbone_state_dict, load_strict
-from methods.teacher import Center, MomentumTeacherMethod, teacher_temperature_schedule
+from methods.teacher import (
+    Center,
+    MomentumTeacherMethod,
+    MultiCropDistillationConfig,
+    check_multicrop_distillation,
+    teacher_temperature_schedule,
+)
 
 N_GLOBAL = 2  # main_ibot.py --global_crops_number default; the loss and the masks assume two
 
@@ -173,27 +179,22 @@ def _ibot_vit(shape: ViTShape) -> nn.Module:
 
 # -- config -------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class IBOTConfig:
-    """iBOT's own settings; names follow ``main_ibot.py`` arguments, defaults are its defaults."""
+@dataclass(frozen=True, kw_only=True)
+class IBOTConfig(MultiCropDistillationConfig):
+    """iBOT's settings: the DINO family's (MultiCropDistillationConfig, same names as DINO/EsViT) plus what
+    iBOT adds (patch head, patch temperatures, masked prediction). Defaults are ``main_ibot.py``'s."""
 
     vit: str  # ViT size name (methods.backbones.VIT_SIZES)
     img_size: int = 224  # global crop size (DataAugmentationiBOT)
     patch_size: int = 16
-    drop_path: float = 0.1  # student only
     out_dim: int = 8192
     patch_out_dim: int = 8192  # used only when neither head is shared
     shared_head: bool = False
     shared_head_teacher: bool = True
-    norm_last_layer: bool = True
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
     warmup_teacher_patch_temp: float = 0.04
     teacher_patch_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
+    center_momentum2: float = 0.9  # the patch tokens' center
     lambda1: float = 1.0
     lambda2: float = 1.0
     pred_ratio: tuple[float, ...] = (0.3,)
@@ -203,17 +204,14 @@ class IBOTConfig:
     pred_start_epoch: int = 0
     global_crops_scale: tuple[float, float] = (0.14, 1.0)
     local_crops_number: int = 0
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crop_size: int = 96
-    freeze_last_layer: int = 1
 
     def __post_init__(self) -> None:
         if self.vit not in VIT_SIZES:
             raise UserError("overrides.vit", f"unknown ViT size {self.vit!r}", f"choose one of: {', '.join(VIT_SIZES)}")
-        for name in ("img_size", "local_crop_size"):
-            if getattr(self, name) % self.patch_size:
-                raise UserError(f"overrides.{name}", f"{getattr(self, name)} is not a multiple of patch_size "
-                                f"{self.patch_size}", "pick sizes that tile the crops")
+        check_multicrop_distillation(self, "iBOT")
+        if not 0.0 <= self.center_momentum2 < 1.0:
+            raise UserError("overrides.center_momentum2", f"must be in [0, 1), got {self.center_momentum2}",
+                            "iBOT uses 0.9")
         if self.pred_shape not in MASK_SHAPES:
             raise UserError("overrides.pred_shape", f"unknown mask shape {self.pred_shape!r}",
                             f"choose one of: {', '.join(MASK_SHAPES)}")
@@ -222,9 +220,6 @@ class IBOTConfig:
         except ValueError as e:
             raise UserError("overrides.pred_ratio", str(e), "iBOT's recipe is pred_ratio [0, 0.3], "
                             "pred_ratio_var [0, 0.2]") from None
-        if self.local_crops_number < 0:
-            raise UserError("overrides.local_crops_number", f"must be >= 0, got {self.local_crops_number}",
-                            "use 0 to disable multi-crop")
         if not self.shared_head and self.shared_head_teacher and self.patch_out_dim != self.out_dim:
             raise UserError("overrides.patch_out_dim", f"{self.patch_out_dim} differs from out_dim {self.out_dim} "
                             "while the teacher's head is shared", "set patch_out_dim = out_dim")
@@ -262,7 +257,7 @@ _UNVERIFIED_B = "ViT-B args.txt (download server) not readable here; unverified"
 _COMMON = dict(
     img_size=(224, f"{_R} main_ibot.py DataAugmentationiBOT RandomResizedCrop(224)"),
     patch_size=(16, f"{_ARGS} --patch_size 16"),
-    drop_path=(0.1, f"{_ARGS} --drop_path 0.1"),
+    drop_path_rate=(0.1, f"{_ARGS} --drop_path 0.1"),
     blr=(5e-4, f"{_ARGS} --lr 0.0005; {_PAPER}: lr = 5e-4 x batch_size / 256"),
     lr_batch_denom=(256, f"{_R} main_ibot.py lr_schedule: args.lr * total batch / 256"),
     min_lr=(1e-6, f"{_ARGS} --min_lr 1e-6"),
@@ -291,7 +286,7 @@ _COMMON = dict(
     pred_shape=("block", f"{_ARGS} --pred_shape block; README model table PS = Block"),
     pred_aspect_ratio=((0.3, 1 / 0.3), f"{_R} main_ibot.py ImageFolderMask(pred_aspect_ratio=(0.3, 1/0.3))"),
     pred_start_epoch=(0, f"{_ARGS} --pred_start_epoch 0 (50 only for Swin)"),
-    local_crop_size=(96, f"{_R} main_ibot.py DataAugmentationiBOT RandomResizedCrop(96)"),
+    local_size=(96, f"{_R} main_ibot.py DataAugmentationiBOT RandomResizedCrop(96)"),
     freeze_last_layer=(1, f"{_ARGS} --freeze_last_layer 1"),
 )
 
@@ -346,7 +341,7 @@ class IBOT(MomentumTeacherMethod):
                 vit=("pico", f"{_TINY} size"),
                 img_size=(32, "tiny data sets are 32x32"),
                 patch_size=(4, "8x8 patch (and mask) grid on 32x32 images"),
-                local_crop_size=(16, "4x4 grid, the ratio of 96 to 224 rounded to the patch size"),
+                local_size=(16, "4x4 grid, the ratio of 96 to 224 rounded to the patch size"),
                 local_crops_number=(2, f"{_TINY} cost"),
                 out_dim=(256, f"{_TINY} size"),
                 patch_out_dim=(256, f"{_TINY} size"),
@@ -378,7 +373,7 @@ class IBOT(MomentumTeacherMethod):
         head = dict(hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim, nlayers=cfg.head_nlayers)
 
         # Student: drop-path, a learned [MASK] embedding (zeros, as official), its own head.
-        student_vit = _ibot_vit(ViTShape(shape.size, shape.img_size, shape.patch_size, drop_path=cfg.drop_path))
+        student_vit = _ibot_vit(ViTShape(shape.size, shape.img_size, shape.patch_size, drop_path=cfg.drop_path_rate))
         student_vit.masked_embed = nn.Parameter(torch.zeros(1, dim))
         self.student = nn.ModuleDict({
             "backbone": student_vit,
@@ -396,14 +391,14 @@ class IBOT(MomentumTeacherMethod):
         self.ibot_loss = IBOTLoss(
             cfg.out_dim, cfg.loss_patch_dim, N_GLOBAL, cfg.local_crops_number,
             cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp,
-            cfg.warmup_teacher_temp_epochs, epochs, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
-            mim_start_epoch=cfg.pred_start_epoch,
+            cfg.warmup_teacher_temp_epochs, epochs, student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum, center_momentum2=cfg.center_momentum2, lambda1=cfg.lambda1,
+            lambda2=cfg.lambda2, mim_start_epoch=cfg.pred_start_epoch,
         )
 
     @classmethod
     def build_transform(cls, cfg: IBOTConfig) -> MaskedMultiCrop:
-        crops = MultiCropAugmentation(cfg.img_size, cfg.local_crop_size, cfg.local_crops_number,
-                                      cfg.global_crops_scale, cfg.local_crops_scale)
+        crops = MultiCropAugmentation.from_config(cfg)
         return MaskedMultiCrop(crops, cfg.mask_generator(), cfg.patch_size, N_GLOBAL, cfg.pred_start_epoch)
 
     def training_step(self, batch: Any, state: StepState) -> dict[str, torch.Tensor]:

@@ -252,7 +252,7 @@ def test_presets_resolve_and_match_paper_number_rows():
 def test_bad_config_is_a_one_line_error():
     for overrides, field in [({"pred_shape": "grid"}, "overrides.pred_shape"),
                              ({"pred_ratio": [0.1, 0.3], "pred_ratio_var": [0.2, 0.2]}, "overrides.pred_ratio"),
-                             ({"local_crop_size": 18}, "overrides.local_crop_size")]:
+                             ({"local_size": 18}, "overrides.local_size")]:
         with pytest.raises(UserError) as err:
             resolve(IBOT, "tiny", overrides)
         assert err.value.field == field and "\n" not in str(err.value)
