@@ -2,8 +2,10 @@
 
 Each parameter group may carry ``lr_scale`` (the loop sets ``lr = schedule · lr_scale`` every step) and
 ``apply_wd`` (whether the weight-decay schedule reaches it). Layer decay is the rule of MAE
-``util/lr_decay.param_groups_lrd`` (BEiT's ``get_layer_id_for_vit``); the Swin rule follows the Swin
-fine-tuning code of SimMIM (``optimizer.get_swin_layer_id``), mapped onto timm's stage layout.
+``util/lr_decay.param_groups_lrd`` (BEiT's ``get_layer_id_for_vit``); the Swin rule is SimMIM's Swin
+fine-tuning rule (``optimizer.get_swin_layer``), mapped onto timm's stage layout. Swin weight decay follows
+SimMIM too: timm's ``no_weight_decay()`` lists the relative position bias tables, as SimMIM's keywords do
+(iBOT's BEiT-based fine-tune decays them).
 """
 
 from __future__ import annotations
@@ -87,10 +89,12 @@ _SWIN_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
 def swin_layer_id(name: str, depths: tuple[int, ...]) -> int:
-    """SimMIM ``get_swin_layer_id`` on timm names: embeddings 0, block j of stage i is
-    ``sum(depths[:i]) + j + 1``; the patch merging that ends official stage i-1 (timm: the downsample at
-    the start of stage i) is ``sum(depths[:i])``; the rest (final norm, head) ``sum(depths) + 1``."""
-    if name.startswith(("patch_embed", "absolute_pos_embed", "pos_embed")):
+    """Swin layer ids of SimMIM ``optimizer.get_swin_layer`` (iBOT's ``get_num_layer_for_swin`` agrees) on
+    timm names: patch embedding and mask token 0; block j of stage i ``sum(depths[:i]) + j + 1``; the patch
+    merging that ends official stage i-1 (timm: the downsample at the start of stage i) ``sum(depths[:i])``,
+    the id of that stage's last block; the rest (final norm, head, and, as in both official rules, an
+    absolute position embedding) ``sum(depths) + 1``."""
+    if name.startswith("patch_embed") or name == "mask_token":
         return 0
     m = _SWIN_BLOCK.match(name)
     if m:

@@ -1,9 +1,11 @@
 """Layer decay, LARS, schedules and the linear head init against numbers from the official code
-(tests/fixtures/golden: MAE util/lr_decay.py, util/lars.py, util/lr_sched.py; DINO eval_linear.py)."""
+(tests/fixtures/golden: MAE util/lr_decay.py, util/lars.py, util/lr_sched.py; DINO eval_linear.py; SimMIM
+optimizer.py and iBOT optim_factory.py for Swin)."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 import timm
 import torch
 
+from evaluations.finetune import FinetuneConfig, FinetuneNet, Finetuner
 from evaluations.linear import RECIPES, make_head
 from harness.optim import LARS, backbone_layer_rule, param_groups_lrd, swin_layer_id
 from harness.schedules import SCHEDULES
+from methods.swin import LN_EPS, SwinShape, create_swin
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
@@ -97,3 +101,43 @@ def test_swin_rule_numbers_blocks_through_the_stages():
     # timm's downsample opening stage 1 is the official merge closing stage 0: the id of its last block.
     assert swin_layer_id("layers.1.downsample.reduction.weight", depths) == 2
     assert swin_layer_id("norm.weight", depths) == sum(depths) + 1
+
+
+def _esvit_swin(depths: list[int], num_heads: list[int]) -> torch.nn.Module:
+    """The timm Swin the EsViT plugin exports ("nano" widths), with the case's stage depths."""
+    shape = SwinShape("nano", window=7)
+    if list(depths) == list(shape.timm_kwargs()["depths"]):
+        return create_swin(shape)
+    kwargs = {**shape.timm_kwargs(), "depths": depths, "num_heads": num_heads}
+    return timm.create_model(shape.timm_name, pretrained=False, num_classes=0, strict_img_size=False,
+                             norm_layer=partial(torch.nn.LayerNorm, eps=LN_EPS), **kwargs)
+
+
+@pytest.mark.parametrize("case", ["nano_2222", "tiny_depths_2262"])
+def test_swin_finetune_groups_match_simmim(case):
+    g = _load("swin_layer_decay.json")
+    ld, wd = g["provenance"]["layer_decay"], g["provenance"]["weight_decay"]
+    inputs, want = g["cases"][case]["inputs"], g["cases"][case]["outputs"]
+    backbone = _esvit_swin(inputs["depths"], inputs["num_heads"])
+    net = FinetuneNet(backbone, "avg", inputs["num_classes"])
+    groups = Finetuner(net, FinetuneConfig(preset="mae", layer_decay=ld, weight_decay=wd),
+                       inputs["num_classes"]).param_groups()
+    ours = {name.removeprefix("backbone."): grp for grp in groups for name in grp["names"]}
+    assert ours.keys() == want["params"].keys()
+    assert len(groups) == want["n_groups_simmim"]
+    rule, n = backbone_layer_rule(backbone)
+    assert n == want["num_layers"]
+    for name, w in want["params"].items():
+        if not name.startswith("head."):
+            assert rule(name) == w["layer_id"], name
+        assert ours[name]["lr_scale"] == pytest.approx(w["lr_scale"], rel=1e-12), name
+        # SimMIM leaves the relative position bias tables undecayed (iBOT's weight_decay_ibot does not).
+        assert ours[name]["weight_decay"] == w["weight_decay_simmim"], name
+        assert ours[name]["apply_wd"] == (w["weight_decay_simmim"] > 0), name
+
+
+def test_swin_rule_on_names_timm_never_has_matches_the_official_rules():
+    g = _load("swin_layer_decay.json")["special_names"]
+    for name, ids in g["layer_ids"].items():
+        assert ids["simmim"] == ids["ibot"]
+        assert swin_layer_id(name, tuple(g["depths"])) == ids["simmim"], name
