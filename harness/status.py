@@ -132,12 +132,13 @@ def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]
     return list(rows.values())
 
 
-def expected_rows(run: Run, damaged: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+def expected_rows(run: Run | Any, damaged: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Every stage the run expects, for the report: no SLURM, no record reads (the report has them).
 
     ``status`` is "damaged" for a stage whose record.json is in ``damaged`` (paths), "pending" for one in
     the ledger (submitted; records say the rest), "not launched" otherwise.
     """
+    run = run if isinstance(run, Run) else run_from_matrix(run)
     entries = ledger_entries(run.out)
     rows = []
     for s in run.stages:

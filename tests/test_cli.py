@@ -16,8 +16,8 @@ from tests.helpers import write_spec
 EXP = {"method": "mae", "preset": "tiny", "seeds": [0], "evaluations": ["knn"]}
 
 
-def spec(tmp_path, **exp):
-    return write_spec(tmp_path / "m.yaml", tmp_path / "data", tmp_path / "runs", [{**EXP, **exp}])
+def spec(tmp_path, data=None, **exp):
+    return write_spec(tmp_path / "m.yaml", data or tmp_path / "data", tmp_path / "runs", [{**EXP, **exp}])
 
 
 def test_overrides_are_typed_like_the_spec_and_part_of_the_identity(tmp_path):
@@ -50,8 +50,8 @@ def test_bad_overrides_are_one_line_exit_2(tmp_path, capsys, argv, message):
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
-def test_dry_run_applies_overrides_given_before_or_after_options(tmp_path, capsys):
-    path = spec(tmp_path)
+def test_dry_run_applies_overrides_given_before_or_after_options(tmp_path, capsys, tiny_data):
+    path = spec(tmp_path, tiny_data / "synthetic")  # a dry run checks the data as launch does
     cell = expand(path, overrides={"epochs": 2, "batch_size": 32}).cells[0].pretrain.cell_id
     assert main(["launch", str(path), "epochs=2", "--dry-run", "batch_size=32"]) == 0
     assert f"{cell}/pretrain" in capsys.readouterr().out

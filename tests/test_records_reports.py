@@ -57,7 +57,8 @@ def stage_record(stage, status="done", value=None, **extra) -> dict:
 # --- 8. one damaged file must not take report, status or launch down ------------------------------------
 
 
-def test_damaged_record_ledger_and_progress_are_skipped_and_named(tmp_path, capsys):
+def test_damaged_record_ledger_and_progress_are_skipped_and_named(tmp_path, capsys, tiny_data):
+    tmp_path.joinpath("data").symlink_to(tiny_data / "synthetic")  # a dry run checks the data as launch does
     path, matrix = make_run(tmp_path)
     pre, knn = matrix.stages()
     Path(pre.stage_dir).mkdir(parents=True)

@@ -108,7 +108,7 @@ def test_skip_policy_trains_without_the_bad_images_and_counts_them(tmp_path, dir
     assert cli.main(["launch", str(spec), "--dry-run"]) == 0
     rec = run_stage(matrix.cells[0].pretrain)
     assert rec["status"] == "done" and rec["skipped_images"] == 2
-    with pytest.raises(UserError, match="bad_images: unknown value 'ignore'"):
+    with pytest.raises(UserError, match="bad_images: must be one of 'fail', 'skip', got 'ignore'"):
         resolve(MAE, "tiny", {"bad_images": "ignore"})
 
 
@@ -300,7 +300,7 @@ def test_yaml_numbers_as_a_user_means_them(tmp_path, tiny_data):
                         f"experiments:\n  - method: mae\n    preset: tiny\n    overrides: {overrides_yaml}\n")
         return expand(path)
 
-    with pytest.raises(UserError, match=r"overrides\.epochs: expects a number, got True"):
+    with pytest.raises(UserError, match=r"overrides\.epochs: expects an integer, got True"):
         cell("{epochs: true}")
     _, _, flat = resolve(MAE, "tiny", {"blr": "1e-4"})  # what YAML 1.1 gives for blr: 1e-4
     assert flat["blr"] == 1e-4 and isinstance(flat["blr"], float)
