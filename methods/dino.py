@@ -248,7 +248,7 @@ class DINO(MomentumTeacherMethod):
         return {"loss": loss}
 
     def curve_scalars(self, state: StepState) -> dict[str, float]:
-        return {"teacher/momentum": state.momentum, "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
+        return {**super().curve_scalars(state), "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
 
     # -- export -------------------------------------------------------------------------------------
     @staticmethod

@@ -341,7 +341,7 @@ class EsViT(MomentumTeacherMethod):
     # on_before_optimizer_step (base class): utils.cancel_gradients_last_layer freezes head and head_dense.
 
     def curve_scalars(self, state: StepState) -> dict[str, float]:
-        return {"teacher/momentum": state.momentum, "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
+        return {**super().curve_scalars(state), "teacher/temperature": float(self.loss.teacher_temps[state.epoch])}
 
     # -- export -------------------------------------------------------------------------------------
     @staticmethod

@@ -416,7 +416,7 @@ class IBOT(MomentumTeacherMethod):
         return self.ibot_loss(student_output, teacher_output, student_local_cls, list(masks[:N_GLOBAL]), state.epoch)
 
     def curve_scalars(self, state: StepState) -> dict[str, float]:
-        return {"teacher/momentum": state.momentum,
+        return {**super().curve_scalars(state),
                 "teacher/temperature": float(self.ibot_loss.teacher_temp_schedule[state.epoch]),
                 "teacher/patch_temperature": float(self.ibot_loss.teacher_temp2_schedule[state.epoch])}
 

@@ -98,6 +98,9 @@ class MomentumTeacherMethod(Method):
         if self.ema_after_step:
             self.ema_step(state)
 
+    def curve_scalars(self, state: StepState) -> dict[str, float]:
+        return {"teacher/momentum": state.momentum}
+
     def teacher_backbone(self) -> nn.Module:
         return self.teacher.backbone
 
