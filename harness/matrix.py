@@ -37,9 +37,10 @@ from harness.manifest import report_settings, run_folder, spec_path_value
 
 CODE_VERSION = 1  # bump when a change makes old results incomparable; it is part of every stage id
 PRETRAIN = "pretrain"
+INIT = "init"  # a random-init floor cell's first stage: the method built with the cell's seed, exported untrained
 _SPEC_KEYS = {"name", "out", "data", "experiments", "resources", "snapshot", "report"}
 _EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides", "checkpoint",
-             "checkpoint_key"}
+             "checkpoint_key", "floor"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                  "partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s",
                  "max_num_timeout"}
@@ -49,7 +50,7 @@ RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "m
 class StageSpec:
     """Everything one job needs, picklable and JSON-able: the job resolves its config from it."""
 
-    stage: str  # "pretrain" or an evaluation name
+    stage: str  # "pretrain", "init" (a floor cell's untrained export) or an evaluation name
     cell_id: str
     stage_id: str
     method: str
@@ -73,6 +74,17 @@ class StageSpec:
     # overrides: a job re-resolves both with the code it runs and refuses to start on a mismatch.
     identity: dict[str, Any] = field(default_factory=dict)
     eval_overrides: dict[str, Any] = field(default_factory=dict)
+    floor_of: str | None = None  # a random-init floor cell: the id of the trained cell it is the floor of
+
+    @property
+    def builds(self) -> bool:
+        """The stage that makes the cell's backbone (pre-training, import, or a floor's init export)."""
+        return self.stage in (PRETRAIN, INIT)
+
+    @property
+    def build_key(self) -> str:
+        """The key of the stage this one's cell builds its backbone in (what an evaluation waits for)."""
+        return f"{self.cell_id}/{INIT if self.floor_of else PRETRAIN}"
 
     @property
     def preset_label(self) -> str:
@@ -91,6 +103,10 @@ class Cell:
     @property
     def stages(self) -> tuple[StageSpec, ...]:
         return (self.pretrain, *self.evaluations)
+
+    @property
+    def is_floor(self) -> bool:
+        return self.pretrain.floor_of is not None
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,10 @@ def expand(path: str | Path, out: str | Path | None = None, overrides: dict[str,
             cell = _cell(method_cls, preset_name, seed, cell_over, flat, method_cfg, data, evals, eval_over,
                          out_dir, where, res_pre, res_eval, imported)
             cells.setdefault(cell.pretrain.cell_id, cell)
+            if floor_wanted(exp, preset_name, where) and not imported:
+                floor = _cell(method_cls, preset_name, seed, cell_over, flat, method_cfg, data, evals, eval_over,
+                              out_dir, where, res_pre, res_eval, floor_of=cell.pretrain.cell_id)
+                cells.setdefault(floor.pretrain.cell_id, floor)
     return Matrix(name=name, out=out_dir, cells=tuple(cells.values()), spec_path=path, snapshot=snapshot)
 
 
@@ -252,11 +272,23 @@ def _import_source(exp: dict[str, Any], where: str, spec_dir: Path) -> dict[str,
     return {"path": str(ckpt.resolve()), "key": key}
 
 
-def cell_identity(method: str, flat: dict[str, Any], seed: int, data_root: str, imported: dict | None
-                  ) -> dict[str, Any]:
-    """What a cell id hashes: the resolved configuration and everything else that changes the result."""
+def floor_wanted(exp: dict[str, Any], preset_name: str, where: str) -> bool:
+    """``floor: true|false`` in an experiment; by default on for the CPU test presets (``tiny``), where
+    telling learning from no learning is the point, and off for paper recipes (an export costs nothing,
+    but each evaluation of the floor costs as much as the trained cell's)."""
+    value = exp.get("floor", preset_name == "tiny")
+    if not isinstance(value, bool):
+        raise UserError(f"{where}.floor", f"must be true or false, got {value!r}",
+                        "true adds a random-init row (the same backbone untrained) under each cell")
+    return value
+
+
+def cell_identity(method: str, flat: dict[str, Any], seed: int, data_root: str, imported: dict | None,
+                  floor: bool = False) -> dict[str, Any]:
+    """What a cell id hashes: the resolved configuration and everything else that changes the result.
+    A floor cell hashes the same plus ``"stage": "init"``."""
     return {"v": CODE_VERSION, "method": method, "config": identity_config(flat), "seed": seed, "data": data_root,
-            **({"import": imported} if imported else {})}
+            **({"import": imported} if imported else {}), **({"stage": INIT} if floor else {})}
 
 
 def eval_identity(cell_id: str, evaluation: str, eval_cfg: dict[str, Any], data_root: str) -> dict[str, Any]:
@@ -264,23 +296,26 @@ def eval_identity(cell_id: str, evaluation: str, eval_cfg: dict[str, Any], data_
 
 
 def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, evals, eval_over, out_dir, where,
-          res_pre, res_eval, imported: dict[str, str] | None = None) -> Cell:
+          res_pre, res_eval, imported: dict[str, str] | None = None, floor_of: str | None = None) -> Cell:
     pre_root = str(data["pretrain"])
-    cell_ident = cell_identity(method_cls.name, flat, seed, pre_root, imported)
+    cell_ident = cell_identity(method_cls.name, flat, seed, pre_root, imported, floor=floor_of is not None)
     cell_id = digest(cell_ident)
     backbone = method_cls.backbone_label(method_cfg)
     paper_recipe, devs = recipe_deviations(method_cls, preset_name, flat)
     if imported:  # released weights: the paper's own run, so nothing deviates from its recipe
         devs = {}
-    tag = "-official" if imported else ""
+    tag = "-official" if imported else "-init" if floor_of else ""
     cell_dir = out_dir / "cells" / f"{method_cls.name}-{preset_name}{tag}-s{seed}-{cell_id}"
+    build = INIT if floor_of else PRETRAIN
     common = dict(cell_id=cell_id, method=method_cls.name, preset=preset_name, seed=seed,
                   overrides=dict(overrides), backbone=backbone, epochs=int(flat["epochs"]),
-                  paper_recipe=paper_recipe, recipe_deviations=devs, pretrain_dir=str(cell_dir / PRETRAIN),
+                  paper_recipe=paper_recipe, recipe_deviations=devs, pretrain_dir=str(cell_dir / build),
                   import_from=imported["path"] if imported else None,
-                  checkpoint_key=imported["key"] if imported else "teacher")
-    pretrain = StageSpec(stage=PRETRAIN, stage_id=cell_id, data_root=pre_root, stage_dir=str(cell_dir / PRETRAIN),
-                         resources=res_pre, identity={"cell": cell_ident}, **common)
+                  checkpoint_key=imported["key"] if imported else "teacher", floor_of=floor_of)
+    # A floor's export is cheap: it runs with the evaluations' resources, not the pre-training's.
+    pretrain = StageSpec(stage=build, stage_id=cell_id, data_root=pre_root, stage_dir=str(cell_dir / build),
+                         resources=res_eval["eval"] if floor_of else res_pre, identity={"cell": cell_ident},
+                         **common)
     stages = []
     for ev in evals:
         evaluation = EVALUATIONS.get(str(ev), f"{where}.evaluations")
@@ -310,7 +345,8 @@ def verify_identity(spec: StageSpec) -> None:
         return
     launched_cell = spec.identity["cell"]
     _, _, flat = resolve(METHODS.get(spec.method, "method"), spec.preset, spec.overrides)
-    now = {"cell": cell_identity(spec.method, flat, spec.seed, launched_cell["data"], launched_cell.get("import"))}
+    now = {"cell": cell_identity(spec.method, flat, spec.seed, launched_cell["data"], launched_cell.get("import"),
+                                 floor=spec.floor_of is not None)}
     if "stage" in spec.identity:
         evaluation = EVALUATIONS.get(spec.stage, "evaluation")
         cfg = make_eval_config(evaluation.config_cls, spec.eval_overrides, f"eval_overrides.{spec.stage}")

@@ -30,11 +30,11 @@ from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
 from harness.export import WEIGHTS, load_export, save_export
 from harness.locks import LockBusy, stage_lock, watch_launcher
-from harness.matrix import PRETRAIN, StageSpec, verify_identity
+from harness.matrix import INIT, PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
 from harness.records import begin_attempt, end_attempt, hardware_info, read_record, write_record
 from harness.snapshot import running_code, verify_snapshot
-from harness.train import PretrainRun, TrainRun, peak_memory_mb, precision_used
+from harness.train import PretrainRun, TrainRun, build_method, peak_memory_mb, precision_used
 
 
 def _job_id() -> str | None:
@@ -48,12 +48,13 @@ def _base_record(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     return {
         "cell_id": spec.cell_id, "stage_id": spec.stage_id, "stage": spec.stage, "method": spec.method,
         "preset": spec.preset_label, "backbone": spec.backbone, "epochs": spec.epochs, "seed": spec.seed,
-        "evaluation": None if spec.stage == PRETRAIN else spec.stage, "data": spec.data_root,
+        "evaluation": None if spec.builds else spec.stage, "data": spec.data_root,
         "paper_recipe": spec.paper_recipe, "recipe_deviations": spec.recipe_deviations,
         "overrides": spec.overrides, "eval_config": spec.eval_config,
         "num_gpus": dist.world_size if dist.device.type == "cuda" else 0, "world_size": dist.world_size,
         "git_commit": git_commit(), "code": running_code(), "packages": package_versions(), "job_id": _job_id(),
-        "data_fingerprint": fingerprint(spec.data_root, stage_splits(spec.stage)),
+        "data_fingerprint": fingerprint(spec.data_root, stage_splits(PRETRAIN if spec.builds else spec.stage)),
+        "floor_of": spec.floor_of,
     }
 
 
@@ -185,6 +186,27 @@ def import_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
     return record
 
 
+def init_main(spec: StageSpec, dist: DistInfo) -> dict[str, Any]:
+    """A random-init floor: the method built exactly as its trained cell's pre-training builds it (same
+    seed, same config), exported at step 0 through the same export path, without a training step."""
+    stage_dir = Path(spec.stage_dir)
+    t0 = time.time()
+    method_cls = METHODS.get(spec.method, "method")
+    train, cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
+    model = build_method(method_cls, cfg, train, spec.seed, torch.device("cpu"))
+    record = {
+        **_base_record(spec, dist),
+        "status": "done", "protocol": INIT, "metrics": {}, "headline_metric": None,
+        "checkpoint": {"path": None, "step": 0, "sha256": None},
+        "wall_time_s": time.time() - t0, "gpu_hours": 0.0, "img_per_s": None, "resumed_from_step": None,
+        "error": None,
+    }
+    if dist.is_main:
+        record["export"] = str(save_export(model.export_backbone(), stage_dir / "export"))
+        return write_unless_worse(stage_dir, record)
+    return record
+
+
 def backbone_builder(export_dir: Path, device: torch.device):
     """``build(drop_path_rate=0, trainable=False, grad_checkpointing=False)``: a fresh copy of the exported
     backbone on ``device``, frozen in eval mode or trainable in train mode."""
@@ -259,6 +281,8 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
             begin_attempt(spec.stage_dir, hardware_info(dist.device.type, dist.world_size), _job_id())
         verify_identity(spec)  # a job queued while the code changed stops here, before any compute
         verify_snapshot(running_code())
+        if spec.stage == INIT:
+            return init_main(spec, dist)
         if spec.stage == PRETRAIN:
             if spec.import_from:
                 return import_main(spec, dist)

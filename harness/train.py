@@ -297,8 +297,7 @@ class PretrainRun(TrainRun):
     def __init__(self, spec: Any, dist: DistInfo) -> None:
         method_cls: type[Method] = METHODS.get(spec.method, "method")
         train, self.method_cfg, _ = resolve(method_cls, spec.preset, spec.overrides)
-        seed_everything(mix_seed(spec.seed, 0x1417))  # same initial weights on every rank
-        model = method_cls(self.method_cfg, train).to(dist.device)
+        model = build_method(method_cls, self.method_cfg, train, spec.seed, dist.device)
         base = image_folder(spec.data_root, "train")
         skipped = _skip_unreadable(base, Path(spec.stage_dir)) if train.bad_images == "skip" else 0
         dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed, train.bad_images)
@@ -309,6 +308,13 @@ class PretrainRun(TrainRun):
         if not self.dist.is_main:
             return None
         return save_export(self.model.export_backbone(), self.stage_dir / "export")
+
+
+def build_method(method_cls: type[Method], cfg: Any, train: TrainConfig, seed: int, device: torch.device) -> Method:
+    """The method at initialisation: the same weights on every rank, and in a cell's random-init floor
+    (the floor's "init" stage builds it with this too, so the floor is the trained cell's step 0)."""
+    seed_everything(mix_seed(seed, 0x1417))
+    return method_cls(cfg, train).to(device)
 
 
 def _skip_unreadable(base: Any, stage_dir: Path) -> int:

@@ -1,0 +1,88 @@
+"""Does a method's preset learn? Pre-train one cell through the real pipeline (matrix -> stages -> export ->
+evaluations, in this process) together with its random-init floor, and compare.
+
+    from tests.learning import measure_learning
+    result = measure_learning(tmp_path, "dino", tiny_root=tiny_data)
+    assert result.margin >= 10, result.describe()
+    assert not result.collapsed, result.describe()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.matrix import expand
+from harness.records import read_record
+from harness.stages import run_stage
+from harness.tinydata import make_tiny
+from tests.helpers import write_spec
+
+
+@dataclass
+class Learning:
+    """One cell against its floor. ``trained``/``floor``/``margin``: the first evaluation's headline (k-NN
+    top-1 by default, in percent); ``per_eval``: every evaluation's (trained, floor) headlines."""
+
+    method: str
+    preset: str
+    trained: float
+    floor: float
+    per_eval: dict[str, tuple[float, float]]
+    health: dict[str, float]  # the last representation-health values of the pre-training (record["health"])
+    collapse: dict[str, Any] | None  # record["collapse"]: the first metric found collapsed, or None
+    pretrain_wall_s: float
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # "pretrain", "init", "<eval>", "<eval>@floor"
+
+    @property
+    def margin(self) -> float:
+        return self.trained - self.floor
+
+    @property
+    def collapsed(self) -> bool:
+        return self.collapse is not None
+
+    def describe(self) -> str:
+        health = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.health.items()))
+        return (f"{self.method}/{self.preset}: trained {self.trained:.1f}, random init {self.floor:.1f}, "
+                f"margin {self.margin:+.1f}; health: {health or 'none'}; collapse: {self.collapse}; "
+                f"pre-training {self.pretrain_wall_s:.1f}s")
+
+
+def measure_learning(tmp_path: Path, method: str, preset: str = "tiny", data: str | Path = "digits",
+                     overrides: dict[str, Any] | None = None, seed: int = 0,
+                     evaluations: tuple[str, ...] = ("knn",), eval_overrides: dict[str, Any] | None = None,
+                     tiny_root: Path | None = None) -> Learning:
+    """Pre-train ``method``/``preset`` (with ``overrides``) on ``data`` and evaluate it and its random-init floor.
+
+    ``data``: a tiny set's name ("digits", "synthetic"), made under ``tiny_root`` (default
+    ``tmp_path/"tiny"``; pass the session's ``tiny_data`` fixture to make it once), or an ImageFolder path."""
+    tmp_path = Path(tmp_path)
+    if isinstance(data, Path) or "/" in str(data):
+        data_root = Path(data)
+    else:
+        data_root = make_tiny(tiny_root or tmp_path / "tiny", sets=(str(data),))[str(data)]
+    experiment = {"method": method, "preset": preset, "seeds": [seed], "overrides": dict(overrides or {}),
+                  "evaluations": list(evaluations), "floor": True}
+    if eval_overrides:
+        experiment["eval_overrides"] = eval_overrides
+    spec = write_spec(tmp_path / "learning.yaml", data_root, tmp_path / "runs", [experiment])
+    matrix = expand(spec)
+    trained = next(c for c in matrix.cells if not c.is_floor)
+    floor = next(c for c in matrix.cells if c.is_floor and c.pretrain.floor_of == trained.pretrain.cell_id)
+    records: dict[str, dict[str, Any]] = {}
+    for cell, suffix in ((trained, ""), (floor, "@floor")):
+        for stage in cell.stages:
+            run_stage(stage)  # raises (with a 'failed' record) when a stage fails
+            records[stage.stage + (suffix if not stage.builds else "")] = read_record(stage.stage_dir)
+    per_eval = {}
+    for ev in evaluations:
+        ours, base = records[ev], records[f"{ev}@floor"]
+        per_eval[ev] = (float(ours["metrics"][ours["headline_metric"]]),
+                        float(base["metrics"][base["headline_metric"]]))
+    pre = records["pretrain"]
+    first = per_eval[evaluations[0]]
+    return Learning(method=method, preset=preset, trained=first[0], floor=first[1], per_eval=per_eval,
+                    health=dict(pre.get("health") or {}), collapse=pre.get("collapse"),
+                    pretrain_wall_s=float(pre["wall_time_s"]), records=records)
