@@ -219,6 +219,14 @@ class Method(nn.Module):
         written to the training curves at the loop's log interval. Never read a device tensor here."""
         return {}
 
+    def health_outputs(self, images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                       epoch: int) -> dict[str, torch.Tensor]:
+        """What the representation-health metrics (harness/health.py) read, on a fixed batch of evaluation-
+        transformed ``images``, called under no_grad in eval mode at each epoch end. ``embed(images)`` is the
+        exported backbone's k-NN feature. Student/teacher methods add "teacher_probs" (their centred,
+        sharpened targets at ``epoch``) and "student_log_probs" (N, K)."""
+        return {"embedding": embed(images)}
+
     def no_weight_decay(self) -> set[str]:
         return set()
 

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one stage in this process (debugging)")
     _add_matrix(run, "run")
     run.add_argument("--cell", required=True, help="cell id (see 'repro status')")
-    run.add_argument("--stage", default="pretrain", help="which stage of the cell: pretrain or an evaluation name")
+    run.add_argument("--stage", default="pretrain",
+                     help="which stage of the cell: pretrain (init for a random-init floor cell) or an evaluation name")
 
     methods = sub.add_parser("methods", help="list methods, presets and evaluations; or show a preset's values",
                              description="Without arguments: every method, preset and evaluation. With METHOD: "
@@ -199,7 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     matrix = _expand(args)
     for s in matrix.stages():
-        if s.cell_id == args.cell and s.stage == args.stage:
+        if s.cell_id == args.cell and (s.stage == args.stage or (s.builds and args.stage == "pretrain")):
             record = run_stage(s)  # a finished stage is not run again: its record is returned
             print(f"{s.key}: {record['status']} {record['metrics']}")
             return 0

@@ -35,7 +35,7 @@ from harness.dataset_id import fingerprint
 from harness.errors import UserError
 from harness.locks import LAUNCHER_ENV, launch_lock, launcher_token
 from harness.manifest import write_manifest
-from harness.matrix import PRETRAIN, Matrix, StageSpec, load_spec
+from harness.matrix import INIT, PRETRAIN, Matrix, StageSpec, load_spec
 from harness.records import read_record
 from harness.snapshot import Snapshot, code_state, job_python, make_snapshot
 from harness.stages import StageRunner
@@ -141,8 +141,7 @@ def _pending_stages(matrix: Matrix, ledger: Ledger, executor: str, result: Launc
             continue
         job = ledger.slurm_job(stage.key) if executor == "slurm" else None
         state = job_state(job) if job is not None else None
-        parent_resubmitted = stage.stage != PRETRAIN and any(
-            s.key == f"{stage.cell_id}/{PRETRAIN}" for s in todo)
+        parent_resubmitted = not stage.builds and any(s.key == stage.build_key for s in todo)
         # sacct may not list a pending job yet ("UNKNOWN"); squeue's reason is what says it is stuck.
         blocked = state in {"PENDING", "UNKNOWN"} and job.job_id in blocked_jobs([job.job_id])
         if blocked or (state == "PENDING" and parent_resubmitted):
@@ -237,6 +236,8 @@ def _bad_image_policies(matrix: Matrix) -> dict[tuple[str, str], str]:
 
     policy: dict[tuple[str, str], str] = {}
     for s in matrix.stages():
+        if s.stage == INIT:  # a floor's export reads no data
+            continue
         if s.stage == PRETRAIN and not s.import_from:
             train, _, _ = resolve(METHODS.get(s.method), s.preset, s.overrides)
             mine = {(s.data_root, "train"): train.bad_images}
@@ -283,6 +284,8 @@ def check_writable(out: Path) -> None:
 def _data_roots(matrix: Matrix) -> dict[str, tuple[str, ...]]:
     roots: dict[str, set[str]] = defaultdict(set)
     for s in matrix.stages():
+        if s.stage == INIT:
+            continue
         if s.stage == PRETRAIN or EVALUATIONS.get(s.stage, "evaluation").check_data is None:
             roots[s.data_root] |= {"train"} if s.stage == PRETRAIN else {"train", "val"}
     return {root: tuple(sorted(splits)) for root, splits in roots.items()}
@@ -292,7 +295,7 @@ def _check_eval_data(matrix: Matrix) -> None:
     """Evaluations that declare their own data check (e.g. a low-shot subset file) run it once per setting."""
     seen: set[str] = set()
     for s in matrix.stages():
-        if s.stage == PRETRAIN:
+        if s.builds:
             continue
         evaluation = EVALUATIONS.get(s.stage, "evaluation")
         key = json.dumps([s.stage, s.data_root, s.eval_config], sort_keys=True, default=str)
@@ -329,7 +332,7 @@ def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Le
             result.failed[stage.key] = rec["error"] if mine and rec.get("error") else _job_error_line(
                 str(e), str(job.paths.stderr))
             on_event(f"  {_label(stage)}: FAILED: {result.failed[stage.key]}")
-            if stage.stage == PRETRAIN:
+            if stage.builds:
                 failed_cells.add(stage.cell_id)
 
 
@@ -402,11 +405,11 @@ def _job_error_line(text: str, log: str) -> str:
 
 def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, cli_res: dict, ledger: Ledger,
                   result: LaunchResult, python: str | None = None) -> None:
-    pre = [s for s in todo if s.stage == PRETRAIN]
-    evals = [s for s in todo if s.stage != PRETRAIN]
+    pre = [s for s in todo if s.builds]  # pre-trainings, imports and floors' init exports
+    evals = [s for s in todo if not s.builds]
     job_of: dict[str, str] = dict(active)  # stage key -> job id (new or already active)
     array_of: dict[str, tuple[str, int]] = {}  # pretrain key -> (array id, index) for new arrays
-    # Pre-training: one array per resource shape (the seeds of an experiment share it).
+    # Pre-training: one array per resource shape and stage kind (the seeds of an experiment share it).
     for params_json, group in _group(pre, cli_res).items():
         jobs = _submit_array(folder, json.loads(params_json), group, python)
         for i, (stage, job) in enumerate(zip(group, jobs, strict=True)):
@@ -422,7 +425,7 @@ def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, c
         for s in group:
             by_kind[s.stage].append(s)
         for stages in by_kind.values():
-            parents = [array_of.get(f"{s.cell_id}/{PRETRAIN}") for s in stages]
+            parents = [array_of.get(s.build_key) for s in stages]
             same_array = all(parents) and len({p[0] for p in parents}) == 1 and \
                 [p[1] for p in parents] == list(range(len(stages)))
             extra = params.get("slurm_additional_parameters", {})
@@ -432,7 +435,7 @@ def _launch_slurm(todo: list[StageSpec], active: dict[str, str], folder: Path, c
             else:
                 jobs = []
                 for s in stages:
-                    dep = job_of.get(f"{s.cell_id}/{PRETRAIN}")
+                    dep = job_of.get(s.build_key)
                     after = {"slurm_additional_parameters": {**extra, "dependency": f"afterok:{dep}"}} if dep else {}
                     jobs += _submit_array(folder, {**params, **after}, [s], python)
             for s, job in zip(stages, jobs, strict=True):

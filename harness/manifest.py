@@ -29,7 +29,8 @@ from harness.errors import UserError
 MANIFEST_VERSION = 1
 # Fields of a stage that reports and status need; everything else stays in the spec.
 STAGE_FIELDS = ("cell_id", "stage_id", "stage", "method", "preset", "backbone", "epochs", "seed", "protocol",
-                "headline_metric", "paper_recipe", "recipe_deviations", "data_root", "stage_dir", "pretrain_dir")
+                "headline_metric", "paper_recipe", "recipe_deviations", "data_root", "stage_dir", "pretrain_dir",
+                "floor_of")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def stage_rows(matrix: Any, fingerprints: dict[str, Any] | None = None) -> list[
     rows = []
     for s in matrix.stages():
         row = {k: getattr(s, k) for k in STAGE_FIELDS}
-        row.update(preset=s.preset_label, evaluation=None if s.stage == "pretrain" else s.stage,
+        row.update(preset=s.preset_label, evaluation=None if s.builds else s.stage,
                    data_fingerprint=fingerprints.get(s.data_root))
         rows.append(row)
     return rows

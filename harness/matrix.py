@@ -33,6 +33,7 @@ import yaml
 from harness.api import EVALUATIONS, METHODS
 from harness.config import identity_config, make_eval_config, recipe_deviations, resolve
 from harness.errors import UserError
+from harness.health import HealthConfig
 from harness.manifest import report_settings, run_folder, spec_path_value
 
 CODE_VERSION = 1  # bump when a change makes old results incomparable; it is part of every stage id
@@ -40,7 +41,7 @@ PRETRAIN = "pretrain"
 INIT = "init"  # a random-init floor cell's first stage: the method built with the cell's seed, exported untrained
 _SPEC_KEYS = {"name", "out", "data", "experiments", "resources", "snapshot", "report"}
 _EXP_KEYS = {"method", "preset", "seeds", "overrides", "evaluations", "eval_overrides", "checkpoint",
-             "checkpoint_key", "floor"}
+             "checkpoint_key", "floor", "health"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                  "partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s",
                  "max_num_timeout"}
@@ -75,6 +76,7 @@ class StageSpec:
     identity: dict[str, Any] = field(default_factory=dict)
     eval_overrides: dict[str, Any] = field(default_factory=dict)
     floor_of: str | None = None  # a random-init floor cell: the id of the trained cell it is the floor of
+    health: dict[str, Any] = field(default_factory=dict)  # the experiment's 'health:' block (not identity)
 
     @property
     def builds(self) -> bool:
@@ -230,8 +232,12 @@ def expand(path: str | Path, out: str | Path | None = None, overrides: dict[str,
                 cell_over = {**overrides, **cli_over}
                 _, method_cfg, flat = resolve(method_cls, preset_name, cell_over, "command-line")
             imported = _import_source(exp, where, path.parent)
+            health = _require_mapping(exp.get("health"), f"{where}.health")
+            HealthConfig.from_spec(health, f"{where}.health")  # bad settings fail here, not in the job
             cell = _cell(method_cls, preset_name, seed, cell_over, flat, method_cfg, data, evals, eval_over,
                          out_dir, where, res_pre, res_eval, imported)
+            if health:
+                cell = dataclasses.replace(cell, pretrain=dataclasses.replace(cell.pretrain, health=dict(health)))
             cells.setdefault(cell.pretrain.cell_id, cell)
             if floor_wanted(exp, preset_name, where) and not imported:
                 floor = _cell(method_cls, preset_name, seed, cell_over, flat, method_cfg, data, evals, eval_over,

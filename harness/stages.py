@@ -29,6 +29,9 @@ from harness.dataset_id import fingerprint, stage_splits
 from harness.distributed import DistInfo, destroy, init_distributed
 from harness.errors import UserError
 from harness.export import WEIGHTS, load_export, save_export
+from harness.health import PREFIX as HEALTH
+from harness.health import CollapseError
+from harness.health import from_log as health_from_log
 from harness.locks import LockBusy, stage_lock, watch_launcher
 from harness.matrix import INIT, PRETRAIN, StageSpec, verify_identity
 from harness.provenance import git_commit, package_versions
@@ -76,6 +79,7 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
     finally:
         if runner is not None:
             runner.active = None
+    health, collapse = health_from_log(read_log(stage_dir), run.health_cfg)
     finished = run.step >= run.total_steps
     if finished and not result["final"]:  # resumed at the last step: nothing ran in this attempt
         result = {**result, **rebuild_from_log(stage_dir, run.train.batch_size)}
@@ -86,7 +90,9 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
         **_base_record(spec, dist),
         "status": "done" if finished else "stopped",
         "protocol": PRETRAIN,
-        "metrics": {k: v for k, v in result["final"].items() if k not in {"step", "epoch", "lr", "img_per_s"}},
+        "metrics": {k: v for k, v in result["final"].items()
+                    if k not in {"step", "epoch", "lr", "img_per_s"} and not k.startswith(HEALTH)},
+        "health": health, "collapse": collapse,
         "headline_metric": "loss",
         "checkpoint": {"path": str(run.ckpt_path), "step": run.step,
                        "sha256": ckpt.sha256(run.ckpt_path) if dist.is_main else None},
@@ -109,8 +115,7 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
 def rebuild_from_log(stage_dir: Path, batch_size: int) -> dict[str, Any]:
     """The result of a run whose steps all ran in earlier attempts, from its metrics log: the last
     logged values, and the time and throughput summed over the logged intervals."""
-    path = stage_dir / "metrics.jsonl"
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    entries = read_log(stage_dir)
     seconds, images, prev = 0.0, 0, 0
     for e in entries:
         n = (e["step"] - prev) * batch_size
@@ -119,7 +124,12 @@ def rebuild_from_log(stage_dir: Path, batch_size: int) -> dict[str, Any]:
             images += n
         prev = e["step"]
     return {"final": entries[-1] if entries else {}, "train_seconds": seconds,
-            "img_per_s": images / seconds if seconds > 0 else 0.0, "rebuilt_from": path.name}
+            "img_per_s": images / seconds if seconds > 0 else 0.0, "rebuilt_from": "metrics.jsonl"}
+
+
+def read_log(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _worse(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
@@ -297,6 +307,8 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
                     "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                     "traceback_tail": traceback.format_exc().splitlines()[-6:],
                     "failed_at": datetime.now(UTC).isoformat()}
+            if isinstance(e, CollapseError):  # the evaluations and the report show why it stopped
+                fail.update(health=e.health, collapse=e.collapse)
             write_unless_worse(spec.stage_dir, fail)
         raise
     finally:

@@ -25,6 +25,7 @@ FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                  "DEADLINE"}
 BLOCKED = "BLOCKED"  # pseudo-state: pending on a dependency that can never be met (squeue's reason)
 BROKEN = ("failed", "damaged")  # a pre-training in one of these states blocks its evaluations
+BUILD_STAGES = ("pretrain", "init")  # the stage that makes a cell's backbone (harness.matrix.PRETRAIN, INIT)
 
 
 def stage_key(stage: dict[str, Any]) -> str:
@@ -80,6 +81,9 @@ def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slur
     elif prog is not None:
         out["progress"] = f"{prog.get('step')}/{prog.get('total')}"
         fresh = time.time() - float(prog.get("updated_at") or 0) < STALE_S
+    if rec is not None and rec.get("health"):
+        out["health"] = rec["health"]
+        out["collapse"] = rec.get("collapse")
     if rec is not None and rec.get("status") == "done":
         out["state"] = "done"
         return out
@@ -105,8 +109,8 @@ def stage_status(stage: dict[str, Any], entries: dict[str, dict[str, Any]], slur
 def _blocked(stage: dict[str, Any], state: str, pretrain_state: dict[str, str]) -> str:
     """An evaluation that never ran because its pre-training failed says so, not "not launched"."""
     pre = pretrain_state.get(stage["cell_id"])
-    if stage["stage"] != "pretrain" and state in ("not launched", "pending") and pre in BROKEN:
-        return f"pretrain {pre}"
+    if stage["stage"] not in BUILD_STAGES and state in ("not launched", "pending") and pre in BROKEN:
+        return f"{'init' if stage.get('floor_of') else 'pretrain'} {pre}"
     return state
 
 
@@ -116,11 +120,15 @@ def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]
     entries = ledger_entries(run.out)
     slurm = slurm_states(entries) if query_slurm else {}
     states = [(s, stage_status(s, entries, slurm)) for s in run.stages]
-    pre = {s["cell_id"]: st["state"] for s, st in states if s["stage"] == "pretrain"}
+    pre = {s["cell_id"]: st["state"] for s, st in states if s["stage"] in BUILD_STAGES}
     rows: dict[str, dict[str, Any]] = {}
     for stage, st in states:
+        floor = stage.get("floor_of")
         row = rows.setdefault(stage["cell_id"], {"cell": stage["cell_id"], "method": stage["method"],
-                                                 "preset": stage["preset"], "seed": stage["seed"]})
+                                                 "preset": stage["preset"] + (" (random init)" if floor else ""),
+                                                 "seed": stage["seed"]})
+        if stage["stage"] in BUILD_STAGES:  # a floor's init is its cell's pre-training column
+            row["pretrain"] = None
         text = _blocked(stage, st["state"], pre)
         if st["job_id"]:
             text += f" [{st['job_id']}]"
@@ -128,8 +136,23 @@ def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]
             text += f" {st['progress']}"
         if st["error"]:
             text += f": {st['error'][:80]}"
-        row[stage["stage"]] = text
-    return list(rows.values())
+        row["pretrain" if stage["stage"] in BUILD_STAGES else stage["stage"]] = text
+        if st.get("health"):
+            row["health"] = health_text(st["health"], st.get("collapse"))
+    return [{**r, "health": r.get("health", "")} if any("health" in x for x in rows.values()) else r
+            for r in rows.values()]
+
+
+def health_text(health: dict[str, Any], collapse: dict[str, Any] | None) -> str:
+    """``rankme 21.3 std·√d 0.81`` (+ ``COLLAPSED: <metric> <value> at epoch <e>``): a pre-training's last
+    representation-health values (harness/health.py) in a status cell."""
+    short = {"rankme": "rankme", "std_sqrt_d": "std·√d", "teacher_entropy_ratio": "H(t)/logK", "teacher_kl": "KL"}
+    text = " ".join(f"{label} {health[k]:.3g}" for k, label in short.items()
+                    if isinstance(health.get(k), int | float))
+    if collapse:
+        text += f" COLLAPSED: {collapse.get('metric')} {collapse.get('value', float('nan')):.3g} at epoch " \
+                f"{collapse.get('epoch')}"
+    return text
 
 
 def expected_rows(run: Run | Any, damaged: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:

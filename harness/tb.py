@@ -48,7 +48,8 @@ class TrainingCurves:
         """One log interval: ``entry`` is the metrics.jsonl line (its loss terms averaged over the interval),
         ``state`` the schedules at the interval's last step."""
         step = int(entry["step"])
-        scalars = {f"train/{k}": v for k, v in entry.items() if k not in {"step", "epoch", "lr", "img_per_s"}}
+        scalars = {k if k.startswith("health/") else f"train/{k}": v for k, v in entry.items()
+                   if k not in {"step", "epoch", "lr", "img_per_s"}}
         scalars.update({"opt/lr": entry["lr"], "opt/weight_decay": state.weight_decay,
                         "perf/img_per_s": entry["img_per_s"], "progress/epoch": entry["epoch"]})
         if self.method_scalars is not None:

@@ -40,6 +40,8 @@ from harness.datacheck import cache_dir_for, run_dir_of, scan_split
 from harness.distributed import DistInfo
 from harness.errors import NonFiniteLossError, UserError
 from harness.export import save_export
+from harness.health import PREFIX as HEALTH
+from harness.health import CollapseError, HealthConfig, HealthMonitor, find_collapse
 from harness.optim import build_optimizer
 from harness.schedules import SCHEDULES, cosine_schedule
 from harness.tb import TrainingCurves
@@ -169,6 +171,8 @@ class TrainRun:
         self.step = 0
         self.resumed_from_step: int | None = None
         self.curves: TrainingCurves | None = None  # rank 0's TensorBoard writer, while run() runs
+        self.health: HealthMonitor | None = None  # pre-training: representation health at each epoch end
+        self.health_cfg = HealthConfig()
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
         if self.ckpt_path.exists():
             self._load(ckpt.load(self.ckpt_path))
@@ -246,8 +250,11 @@ class TrainRun:
                 nonfinite |= ~torch.isfinite(out["loss"])
                 n_in_interval += 1
                 end_of_epoch = self.step % self.ipe == 0
+                health = None
                 if n_in_interval == t.log_every or end_of_epoch or self.step == max_steps:
-                    last_logged = self._log(sums, n_in_interval, nonfinite, time.perf_counter() - t_interval)
+                    seconds = time.perf_counter() - t_interval  # the health pass is not training time
+                    health = self._measure_health() if end_of_epoch else None
+                    last_logged = self._log(sums, n_in_interval, nonfinite, seconds, health)
                     bar.update(n_in_interval)
                     bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
                     if on_progress:
@@ -258,6 +265,10 @@ class TrainRun:
                     if bool(nonfinite):
                         raise self._nonfinite()
                     self.save_checkpoint()
+                collapse = health and find_collapse(health, self.health_cfg, self.step // self.ipe)
+                if collapse and self.health_cfg.stop_on_collapse:
+                    bar.close()
+                    raise CollapseError(collapse, health)
                 if self.step >= max_steps:
                     break
         bar.close()
@@ -275,13 +286,22 @@ class TrainRun:
                                   f"{self.spec.preset} (seed {self.spec.seed}); {kept}: lower the lr or "
                                   "enable clip_grad")
 
-    def _log(self, sums: dict[str, torch.Tensor], n: int, nonfinite: torch.Tensor, seconds: float) -> dict:
+    def _measure_health(self) -> dict[str, float] | None:
+        if self.health is None:
+            return None
+        t0 = time.perf_counter()
+        values = self.health.measure(self.model, self.step // self.ipe)
+        return {**values, "seconds": time.perf_counter() - t0}
+
+    def _log(self, sums: dict[str, torch.Tensor], n: int, nonfinite: torch.Tensor, seconds: float,
+             health: dict[str, float] | None = None) -> dict:
         """The one host sync of an interval: read the accumulated loss terms."""
         if bool(nonfinite):
             raise self._nonfinite()
         values = {k: float(v) / n for k, v in sums.items()}
         entry = {"step": self.step, "epoch": self.step / self.ipe, "lr": float(self.sched.lr[self.step - 1]),
-                 "img_per_s": n * self.train.batch_size / seconds if seconds > 0 else 0.0, **values}
+                 "img_per_s": n * self.train.batch_size / seconds if seconds > 0 else 0.0, **values,
+                 **{HEALTH + k: v for k, v in (health or {}).items()}}
         if self.dist.is_main:
             with open(self.stage_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -303,6 +323,9 @@ class PretrainRun(TrainRun):
         dataset = SeededAugmentDataset(base, method_cls.build_transform(self.method_cfg), spec.seed, train.bad_images)
         super().__init__(spec, dist, train, model, dataset, optimizer="adamw", desc="pretrain")
         self.skipped_images = skipped
+        self.health_cfg = HealthConfig.from_spec(getattr(spec, "health", None), "health")
+        if self.health_cfg.enabled:
+            self.health = HealthMonitor(model, self.health_cfg, spec.data_root, dist.device)
 
     def export(self) -> Path | None:
         if not self.dist.is_main:

@@ -415,6 +415,16 @@ class IBOT(MomentumTeacherMethod):
             student_local_cls = student_head(torch.cat(cls_tokens))
         return self.ibot_loss(student_output, teacher_output, student_local_cls, list(masks[:N_GLOBAL]), state.epoch)
 
+    # Representation health (harness/health.py) reads the [CLS] distillation.
+    def distillation_loss(self) -> nn.Module:
+        return self.ibot_loss
+
+    def distillation_temperature(self, epoch: int) -> float:
+        return float(self.ibot_loss.teacher_temp_schedule[epoch])
+
+    def distillation_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(net["head"](encode(net["backbone"], images))[0] for net in (self.teacher, self.student))
+
     def curve_scalars(self, state: StepState) -> dict[str, float]:
         return {**super().curve_scalars(state),
                 "teacher/temperature": float(self.ibot_loss.teacher_temp_schedule[state.epoch]),

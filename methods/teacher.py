@@ -104,6 +104,33 @@ class MomentumTeacherMethod(Method):
     def teacher_backbone(self) -> nn.Module:
         return self.teacher.backbone
 
+    def health_outputs(self, images: torch.Tensor, embed, epoch: int) -> dict[str, torch.Tensor]:
+        """The k-NN embedding, plus the teacher's targets and the student's log-probabilities on the same
+        (un-augmented) images, with the loss's center and temperatures at ``epoch``."""
+        out = super().health_outputs(images, embed, epoch)
+        logits = self.distillation_logits(images)
+        if logits is not None:
+            (teacher, student), loss = logits, self.distillation_loss()
+            out["teacher_probs"] = sharpen(teacher.float(), loss.center.center, self.distillation_temperature(epoch))
+            out["student_log_probs"] = F.log_softmax(student.float() / loss.student_temp, dim=-1)
+        return out
+
+    def distillation_loss(self) -> nn.Module:
+        """The loss holding ``center``, ``student_temp`` and the per-epoch teacher temperatures."""
+        return self.loss
+
+    def distillation_temperature(self, epoch: int) -> float:
+        return float(self.distillation_loss().teacher_temps[epoch])
+
+    def distillation_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(teacher, student) view-level head outputs for ``images`` (one crop each), or None for a method
+        without a softmax head (ExtreMA). Networks called on a list of crops (DINO, EsViT) work as they are."""
+        if not hasattr(self, "loss") or not hasattr(self.loss, "center"):
+            return None
+        teacher, student = (net([images]) for net in (self.teacher, self.student))
+        # EsViT's networks return ViewOutputs (view- and region-level), DINO's the view logits
+        return tuple(out if isinstance(out, torch.Tensor) else out.view for out in (teacher, student))
+
     def teacher_backbone_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.teacher_backbone().state_dict().items()}
 
