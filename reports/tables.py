@@ -24,13 +24,15 @@ from reports.verdict import legend, verdict
 GROUP = ("method", "preset", "backbone", "epochs")
 MISSING = "—"
 # Shown for a stage without a done record, worst first: a failure needs a person, a queue does not.
-_STATUS_ORDER = ("damaged", "failed", "pretrain damaged", "pretrain failed", "no metric", "running", "pending",
-                 "not launched")
+_STATUS_ORDER = ("damaged", "failed", "pretrain damaged", "pretrain failed", "pretrain collapsed", "no metric",
+                 "running", "pending", "not launched")
+BUILD_STAGES = ("pretrain", "init")  # a cell's backbone: pre-training (or import), or a floor's init export
+FLOOR_LABEL = "random init"
 _OURS = re.compile(r"^(-?\d+\.\d+)(?: ± (\d+\.\d+))? \(n=(\d+)\)$")
 OTHER_DATA, DATA_UNKNOWN = "other data", "data unknown"
 # Record fields the table reads (besides metric.*); the rest stays in the frame for other uses.
 RECORD_FIELDS = ("cell_id", "stage_id", "stage", "status", "created_at", "headline_metric", "gpu_hours", "cpu_hours",
-                "wall_time_s", "img_per_s", "hardware", "data_fingerprint", "code")
+                "wall_time_s", "img_per_s", "hardware", "data_fingerprint", "code", "floor_of", "collapse", "error")
 
 
 def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.DataFrame | list[dict[str, Any]],
@@ -60,21 +62,35 @@ def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.
     expected = expected.to_dict("records") if isinstance(expected, pd.DataFrame) else expected
     rows = [_with_record(r, by_stage) for r in expected]
     _mark_blocked(rows)
+    _label_floors(rows)
     protocols = _protocols(rows)
+    groups = _groups(rows)
+    floors = _floor_groups(groups)
+    with_floor = bool(floors)
+    with_health = any("collapse" in (r["record"] or {}) for r in rows if r["stage"] == "pretrain")
     notes: dict[str, str] = {}
     out = []
-    for i, (key, group) in enumerate(_groups(rows).items(), start=1):
+    for i, (key, group) in enumerate(groups.items(), start=1):
         line: dict[str, Any] = {"key": f"R{i}", **dict(zip(GROUP, key, strict=True))}
         data_devs: list[str] = []
+        is_floor = _is_floor(group)
         for (evaluation, protocol), label in protocols.items():
             cells = [r for r in group if r["evaluation"] == evaluation and r["protocol"] == protocol]
-            ctx = _Join(key, evaluation, protocol, papers, datasets, notes, tolerance, confidence)
+            ctx = _Join(key, evaluation, protocol, {} if is_floor else papers, datasets, notes, tolerance, confidence)
             line.update(_protocol_columns(label, cells, group, ctx, data_devs))
+            if with_floor:
+                floor_cells = [r for r in floors.get(key, []) if r["evaluation"] == evaluation
+                               and r["protocol"] == protocol]
+                line[f"{label} margin"] = "" if is_floor else _margin(cells, floor_cells)
         line.update(_cost_columns(group, data_devs))
+        if with_health:
+            line["health"] = "" if is_floor else _health(group)
         out.append(line)
-    per_protocol = [f"{label} {c}" for label in protocols.values() for c in ("ours", "paper", "source", "Δ",
+    extra = ("margin",) if with_floor else ()
+    per_protocol = [f"{label} {c}" for label in protocols.values() for c in ("ours", *extra, "paper", "source", "Δ",
                                                                               "verdict")]
-    columns = ["key", *GROUP, *per_protocol, "deviations", "seeds", "GPU-h", "CPU-h", "img/s", "wall"]
+    columns = ["key", *GROUP, *per_protocol, *(["health"] if with_health else []), "deviations", "seeds", "GPU-h",
+               "CPU-h", "img/s", "wall"]
     df = pd.DataFrame(out, columns=columns)
     df.attrs["legend"] = legend(tolerance, confidence)
     df.attrs["footnotes"] = {"paper": notes}
@@ -106,7 +122,7 @@ def _with_record(row: dict[str, Any], by_stage: dict[tuple[str, str], dict[str, 
     row["value"] = None
     if rec is not None and rec.get("status") == "done":
         row["value"] = _num(rec.get(f"metric.{headline}")) if headline else None
-        row["state"] = "done" if row["value"] is not None or row["stage"] == "pretrain" else "no metric"
+        row["state"] = "done" if row["value"] is not None or row["stage"] in BUILD_STAGES else "no metric"
     elif rec is not None and rec.get("status") == "failed":
         row["state"] = "failed"  # a record's failure beats what the queue or the ledger last said
     elif row.get("status") not in (None, "pending", "done"):
@@ -120,16 +136,75 @@ def _with_record(row: dict[str, Any], by_stage: dict[tuple[str, str], dict[str, 
 
 
 def _mark_blocked(rows: list[dict[str, Any]]) -> None:
-    """An evaluation that never ran because its pre-training failed shows "pretrain failed"."""
-    pre = {r["cell_id"]: r["state"] for r in rows if r["stage"] == "pretrain"}
+    """An evaluation that never ran because its pre-training failed shows "pretrain failed" ("pretrain
+    collapsed" when the run stopped on a collapse, health.stop_on_collapse)."""
+    pre = {r["cell_id"]: r for r in rows if r["stage"] in BUILD_STAGES}
     for r in rows:
-        if r["stage"] != "pretrain" and r["record"] is None and pre.get(r["cell_id"]) in ("failed", "damaged"):
-            r["state"] = f"pretrain {pre[r['cell_id']]}"
+        parent = pre.get(r["cell_id"])
+        if r["stage"] not in BUILD_STAGES and r["record"] is None and parent and parent["state"] in ("failed",
+                                                                                                       "damaged"):
+            collapsed = parent["state"] == "failed" and (parent["record"] or {}).get("collapse")
+            r["state"] = "pretrain collapsed" if collapsed else f"pretrain {parent['state']}"
+
+
+def _label_floors(rows: list[dict[str, Any]]) -> None:
+    """A random-init floor's rows: their own table row, "<preset> (random init)" at 0 epochs."""
+    for r in rows:
+        if r.get("floor_of") or (r["record"] or {}).get("floor_of"):
+            r["floor_of"] = r.get("floor_of") or r["record"]["floor_of"]
+            r["preset"] = f"{r['preset']} ({FLOOR_LABEL})"
+            r["epochs"] = 0
+
+
+def _is_floor(group: list[dict[str, Any]]) -> bool:
+    return any(r.get("floor_of") for r in group)
+
+
+def _floor_groups(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Trained row key -> the rows of its floor, and ``groups`` reordered so each floor row follows it."""
+    owner = {r["cell_id"]: key for key, group in groups.items() for r in group if not r.get("floor_of")}
+    floors: dict[tuple, list[dict[str, Any]]] = {}
+    placed: dict[tuple, list[tuple]] = {}
+    for key, group in groups.items():
+        trained = next((owner[r["floor_of"]] for r in group if r.get("floor_of") in owner), None)
+        if trained is not None:
+            floors.setdefault(trained, []).extend(group)
+            placed.setdefault(trained, []).append(key)
+    if placed:
+        floor_keys = {f for fs in placed.values() for f in fs}
+        items = {x: groups[x] for k in groups if k not in floor_keys for x in (k, *placed.get(k, []))}
+        groups.clear()
+        groups.update(items)
+    return floors
+
+
+def _margin(cells: list[dict[str, Any]], floor_cells: list[dict[str, Any]]) -> str:
+    """Ours − random init, seed means of the headline (the learning margin); "—" until both have values."""
+    ours = [c["value"] for c in cells if c["state"] == "done" and c["value"] is not None]
+    floor = [c["value"] for c in floor_cells if c["state"] == "done" and c["value"] is not None]
+    if not cells:
+        return ""
+    if not ours or not floor:
+        return MISSING
+    text = f"{statistics.fmean(ours) - statistics.fmean(floor):+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def _health(group: list[dict[str, Any]]) -> str:
+    """"ok", or the collapsed seeds: "collapsed: s0 teacher_entropy_ratio 0.999 at epoch 3"."""
+    pres = [r for r in group if r["stage"] == "pretrain" and r["record"] is not None and "collapse" in r["record"]]
+    if not pres:
+        return MISSING
+    bad = [(r["seed"], r["record"]["collapse"]) for r in pres if isinstance(r["record"]["collapse"], dict)]
+    if not bad:
+        return "ok"
+    return "collapsed: " + "; ".join(f"s{seed} {c.get('metric')} {c.get('value', float('nan')):.3g} at epoch "
+                                     f"{c.get('epoch')}" for seed, c in bad)
 
 
 def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """(evaluation, protocol) -> column label, in order of first appearance; the tag is the label."""
-    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in rows if r["stage"] != "pretrain"))
+    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in rows if r["stage"] not in BUILD_STAGES))
     tags = [p for _, p in pairs]
     # Two evaluations sharing a tag would share columns: prefix the evaluation name only then.
     return {(e, p): (p if p and tags.count(p) == 1 else f"{e} {p}") for e, p in pairs}
@@ -286,14 +361,14 @@ def _deviations(group: list[dict[str, Any]], data_devs: list[str] = ()) -> str:
     base: dict[str, str] = {}
     staged: dict[str, str] = {}
     seen: set[str] = set()  # the seeds of a row share their deviations: format each distinct set once
-    for r in sorted(group, key=lambda r: r["stage"] != "pretrain"):
+    for r in sorted(group, key=lambda r: r["stage"] not in BUILD_STAGES):
         key = json.dumps([r["stage"], r.get("recipe_deviations")], sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
         for name, change in (r.get("recipe_deviations") or {}).items():
             text = _fmt_change(change)
-            if r["stage"] == "pretrain":
+            if r["stage"] in BUILD_STAGES:
                 base[name] = text
             elif base.get(name) != text:
                 staged[f"{r['stage']}:{name}"] = text
