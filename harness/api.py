@@ -224,7 +224,7 @@ class Method(nn.Module):
         """What the representation-health metrics (harness/health.py) read, on a fixed batch of evaluation-
         transformed ``images``, called under no_grad in eval mode at each epoch end. ``embed(images)`` is the
         exported backbone's k-NN feature. Student/teacher methods add "teacher_probs" (their centred,
-        sharpened targets at ``epoch``) and "student_log_probs" (N, K)."""
+        sharpened targets at ``epoch``, the 0-based epoch that just ended) and "student_log_probs" (N, K)."""
         return {"embedding": embed(images)}
 
     def no_weight_decay(self) -> set[str]:

@@ -290,7 +290,7 @@ class TrainRun:
         if self.health is None:
             return None
         t0 = time.perf_counter()
-        values = self.health.measure(self.model, self.step // self.ipe)
+        values = self.health.measure(self.model, self.step // self.ipe - 1)  # the (0-based) epoch that ended
         return {**values, "seconds": time.perf_counter() - t0}
 
     def _log(self, sums: dict[str, torch.Tensor], n: int, nonfinite: torch.Tensor, seconds: float,

@@ -32,7 +32,7 @@ _OURS = re.compile(r"^(-?\d+\.\d+)(?: ± (\d+\.\d+))? \(n=(\d+)\)$")
 OTHER_DATA, DATA_UNKNOWN = "other data", "data unknown"
 # Record fields the table reads (besides metric.*); the rest stays in the frame for other uses.
 RECORD_FIELDS = ("cell_id", "stage_id", "stage", "status", "created_at", "headline_metric", "gpu_hours", "cpu_hours",
-                "wall_time_s", "img_per_s", "hardware", "data_fingerprint", "code", "floor_of", "collapse", "error")
+                "wall_time_s", "img_per_s", "hardware", "data_fingerprint", "code", "floor_of", "health", "collapse")
 
 
 def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.DataFrame | list[dict[str, Any]],
@@ -67,7 +67,7 @@ def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.
     groups = _groups(rows)
     floors = _floor_groups(groups)
     with_floor = bool(floors)
-    with_health = any("collapse" in (r["record"] or {}) for r in rows if r["stage"] == "pretrain")
+    with_health = any(isinstance((r["record"] or {}).get("health"), dict) for r in rows if r["stage"] == "pretrain")
     notes: dict[str, str] = {}
     out = []
     for i, (key, group) in enumerate(groups.items(), start=1):
@@ -150,8 +150,9 @@ def _mark_blocked(rows: list[dict[str, Any]]) -> None:
 def _label_floors(rows: list[dict[str, Any]]) -> None:
     """A random-init floor's rows: their own table row, "<preset> (random init)" at 0 epochs."""
     for r in rows:
-        if r.get("floor_of") or (r["record"] or {}).get("floor_of"):
-            r["floor_of"] = r.get("floor_of") or r["record"]["floor_of"]
+        floor = r.get("floor_of") if _has(r, "floor_of") else (r["record"] or {}).get("floor_of")
+        r["floor_of"] = floor if isinstance(floor, str) else None
+        if r["floor_of"]:
             r["preset"] = f"{r['preset']} ({FLOOR_LABEL})"
             r["epochs"] = 0
 
@@ -192,7 +193,7 @@ def _margin(cells: list[dict[str, Any]], floor_cells: list[dict[str, Any]]) -> s
 
 def _health(group: list[dict[str, Any]]) -> str:
     """"ok", or the collapsed seeds: "collapsed: s0 teacher_entropy_ratio 0.999 at epoch 3"."""
-    pres = [r for r in group if r["stage"] == "pretrain" and r["record"] is not None and "collapse" in r["record"]]
+    pres = [r for r in group if r["stage"] == "pretrain" and isinstance((r["record"] or {}).get("health"), dict)]
     if not pres:
         return MISSING
     bad = [(r["seed"], r["record"]["collapse"]) for r in pres if isinstance(r["record"]["collapse"], dict)]
@@ -421,6 +422,11 @@ def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
         return None
     return float(v)
+
+
+def _has(row: dict[str, Any] | None, key: str) -> bool:
+    """``row`` has ``key`` (a record frame fills a field some records lack with NaN: that is not having it)."""
+    return row is not None and key in row and not _isnan(row[key])
 
 
 def _isnan(v: Any) -> bool:
