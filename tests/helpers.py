@@ -14,8 +14,9 @@ from harness.matrix import expand
 
 def write_spec(path: Path, data_root: Path, out: Path, experiments: list[dict[str, Any]],
                resources: dict[str, Any] | None = None) -> Path:
+    # A random-init floor (on by default for tiny presets) only where a test asks for one: each costs stages.
     spec = {"name": path.stem, "out": str(out), "data": {"pretrain": str(data_root)},
-            "experiments": experiments}
+            "experiments": [{"floor": False, **exp} for exp in experiments]}
     if resources:
         spec["resources"] = resources
     path.write_text(yaml.safe_dump(spec))

@@ -72,7 +72,7 @@ def test_tiny_cells_get_a_random_init_floor_with_its_own_identity(tmp_path):
 
 
 def test_report_has_a_floor_row_under_its_method_and_a_margin_column(tmp_path):
-    spec, matrix = make_run(tmp_path, seeds=(0, 1))
+    spec, matrix = make_run(tmp_path, seeds=(0, 1), floor=True)
     values = {False: (80.0, 84.0), True: (60.0, 61.0)}
     for c in matrix.cells:
         stage_record(c.pretrain, floor_of=c.pretrain.floor_of,
@@ -90,7 +90,7 @@ def test_report_has_a_floor_row_under_its_method_and_a_margin_column(tmp_path):
 
 
 def test_report_flags_a_collapsed_seed_and_a_margin_waits_for_the_floor(tmp_path):
-    spec, matrix = make_run(tmp_path, seeds=(0,))
+    spec, matrix = make_run(tmp_path, seeds=(0,), floor=True)
     trained = next(c for c in matrix.cells if not c.is_floor)
     collapse = {"metric": "teacher_entropy_ratio", "value": 0.999, "threshold": 0.98, "epoch": 3, "why": "uniform"}
     stage_record(trained.pretrain, collapse=collapse, health={"teacher_entropy_ratio": 0.999})

@@ -8,7 +8,7 @@ from harness.errors import UserError
 from harness.matrix import expand
 from tests.helpers import write_spec
 
-EXP = {"method": "mae", "preset": "tiny", "seeds": [0, 1], "evaluations": ["knn"]}
+EXP = {"method": "mae", "preset": "tiny", "seeds": [0, 1], "evaluations": ["knn"], "floor": False}
 
 
 def spec(tmp_path, experiments, **kw):

@@ -28,10 +28,13 @@ from tests.test_reports import DIGITS, IMAGENET, KNN, by_method, cell, write
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(tmp: Path, seeds=(0,), report: dict | None = None, name: str = "r", fp=None) -> tuple[Path, object]:
-    """A spec (MAE tiny, k-NN) and its manifest as launch writes it; no stage has run."""
+def make_run(tmp: Path, seeds=(0,), report: dict | None = None, name: str = "r", fp=None, floor: bool = False
+             ) -> tuple[Path, object]:
+    """A spec (MAE tiny, k-NN; with ``floor``, its random-init floor) and its manifest as launch writes it;
+    no stage has run."""
     spec = {"name": name, "out": "runs", "data": {"pretrain": "data"},
-            "experiments": [{"method": "mae", "preset": "tiny", "seeds": list(seeds), "evaluations": ["knn"]}]}
+            "experiments": [{"method": "mae", "preset": "tiny", "seeds": list(seeds), "evaluations": ["knn"],
+                             "floor": floor}]}
     if report is not None:
         spec["report"] = report
     tmp.mkdir(parents=True, exist_ok=True)
