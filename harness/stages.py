@@ -79,7 +79,8 @@ def pretrain_main(spec: StageSpec, dist: DistInfo, runner: StageRunner | None = 
     finally:
         if runner is not None:
             runner.active = None
-    health, collapse = health_from_log(read_log(stage_dir), run.health_cfg)
+    # rank 0 writes the log; the other ranks' records are never written
+    health, collapse = health_from_log(read_log(stage_dir), run.health_cfg) if dist.is_main else ({}, None)
     finished = run.step >= run.total_steps
     if finished and not result["final"]:  # resumed at the last step: nothing ran in this attempt
         result = {**result, **rebuild_from_log(stage_dir, run.train.batch_size)}

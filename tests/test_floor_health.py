@@ -201,3 +201,40 @@ def test_stop_on_collapse_ends_the_run_at_the_epoch_and_blocks_its_evaluations(t
     expected = [{**s, "status": "not launched"} for s in _rows(expand(spec))]
     df = comparison_table(expected, load_records(tmp_path / "runs"), load_paper_numbers())
     assert df.iloc[0][f"{KNN} ours"] == "— (pretrain collapsed)"
+
+
+def test_slurm_floor_evaluations_wait_for_their_init_job(tmp_path, monkeypatch):
+    """The SLURM launch submits a floor's init export with the pre-trainings and makes each of its
+    evaluations depend on it (never on the trained cell's pre-training)."""
+    import harness.launch as launch
+
+    class FakeJob:
+        def __init__(self, job_id: str) -> None:
+            self.job_id = job_id
+
+    submitted: list[tuple[dict, list]] = []
+
+    def fake_submit(folder, params, stages, python=None):
+        array = str(1000 + len(submitted))
+        submitted.append((params, stages))
+        return [FakeJob(f"{array}_{i}" if len(stages) > 1 else array) for i in range(len(stages))]
+
+    monkeypatch.setattr(launch, "_submit_array", fake_submit)
+    matrix = expand(_spec(tmp_path, [{"method": "mae", "preset": "tiny", "seeds": [0, 1], "evaluations": ["knn"]}]))
+    result = launch.LaunchResult()
+    launch._launch_slurm(matrix.stages(), {}, tmp_path / "submitit", {}, launch.Ledger(tmp_path), result)
+    job_of = {s.key: result.submitted[s.key] for s in matrix.stages()}
+    for params, stages in submitted:
+        dep = params.get("slurm_additional_parameters", {}).get("dependency")
+        for i, s in enumerate(stages):
+            if s.builds:
+                assert dep is None
+                continue
+            parent = job_of[s.build_key]
+            assert parent.split("_")[0] in dep, (s.key, dep)
+            if dep.startswith("aftercorr:"):
+                assert parent.endswith(f"_{i}")  # task i waits for task i of its parent array
+            else:
+                assert dep == f"afterok:{parent}"
+    floors = [c for c in matrix.cells if c.is_floor]
+    assert all(job_of[c.pretrain.key] for c in floors) and len(job_of) == 8
