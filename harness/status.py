@@ -127,8 +127,6 @@ def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]
         row = rows.setdefault(stage["cell_id"], {"cell": stage["cell_id"], "method": stage["method"],
                                                  "preset": stage["preset"] + (" (random init)" if floor else ""),
                                                  "seed": stage["seed"]})
-        if stage["stage"] in BUILD_STAGES:  # a floor's init is its cell's pre-training column
-            row["pretrain"] = None
         text = _blocked(stage, st["state"], pre)
         if st["job_id"]:
             text += f" [{st['job_id']}]"
@@ -136,11 +134,16 @@ def status_rows(run: Run | Any, query_slurm: bool = True) -> list[dict[str, Any]
             text += f" {st['progress']}"
         if st["error"]:
             text += f": {st['error'][:80]}"
-        row["pretrain" if stage["stage"] in BUILD_STAGES else stage["stage"]] = text
-        if st.get("health"):
-            row["health"] = health_text(st["health"], st.get("collapse"))
-    return [{**r, "health": r.get("health", "")} if any("health" in x for x in rows.values()) else r
-            for r in rows.values()]
+        if stage["stage"] in BUILD_STAGES:  # a floor's init is its cell's pre-training column
+            row["pretrain"] = text
+            row["health"] = health_text(st["health"], st.get("collapse")) if st.get("health") else ""
+        else:
+            row[stage["stage"]] = text
+    table = list(rows.values())
+    if not any(r.get("health") for r in table):  # nothing measured yet (or records from before): no column
+        for r in table:
+            r.pop("health", None)
+    return table
 
 
 def health_text(health: dict[str, Any], collapse: dict[str, Any] | None) -> str:
