@@ -81,6 +81,18 @@ def test_beit_levels_equal_timm_with_resampled_relative_bias(tmp_path):
                                                              intermediates_only=True))
 
 
+def test_beit_other_input_sizes_resample_the_relative_bias(tmp_path):
+    """A BEiT built at its pre-training size, fed a larger input, equals timm resized to that input."""
+    exp = export_beit(tmp_path)
+    adapter = build_backbone(str(exp), norm="BN").eval()
+    ref, _, _ = load_export(exp)
+    ref.set_input_size(img_size=(48, 64))
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        _close(adapter.levels(x), ref.forward_intermediates(x, indices=[0, 1, 2, 3], norm=True,
+                                                             intermediates_only=True))
+
+
 @pytest.mark.parametrize("crop", [None, 128])
 def test_swin_levels_equal_timm_forward_intermediates(tmp_path, crop):
     exp = export_swin(tmp_path)
@@ -282,8 +294,7 @@ def test_upernet_runner_smoke_and_weights_only_checkpoint(mm, tmp_path):
     cfg = segmentation_config(export_vit(tmp_path / "exp"), write_ade(tmp_path / "ade"), recipe, tmp_path / "w",
                               seed=0, max_iters=4)
     runner = _run(cfg)
-    metrics = runner.val_loop.run()
-    assert {"aAcc", "mIoU", "mAcc"} <= set(metrics)
+    assert {"val/aAcc", "val/mIoU", "val/mAcc"} <= set(runner.message_hub.log_scalars)  # validated at iter 4
     ckpt = torch.load(tmp_path / "w" / "iter_4.pth", map_location="cpu")
     assert ckpt["meta"]["iter"] == 4 and "message_hub" in ckpt
     ms = multiscale_test_config(cfg)
@@ -299,8 +310,8 @@ def test_mask_rcnn_runner_smoke(mm, tmp_path):
                            det_recipe("tiny", val_interval=2), tmp_path / "w", seed=0, max_epochs=2)
     assert cfg["model"]["roi_head"]["bbox_head"]["num_classes"] == 2  # read from the annotation file
     runner = _run(cfg)
-    metrics = runner.val_loop.run()
-    assert {"coco/bbox_mAP", "coco/segm_mAP", "coco/bbox_mAP_50", "coco/segm_mAP_75"} <= set(metrics)
+    logged = set(runner.message_hub.log_scalars)  # validated at epoch 2
+    assert {f"val/coco/{k}" for k in ("bbox_mAP", "segm_mAP", "bbox_mAP_50", "segm_mAP_75")} <= logged
 
 
 # -- imports ---------------------------------------------------------------------------------------
