@@ -46,10 +46,10 @@ def _bbox_head(recipe: DetRecipe, num_classes: int, stds: tuple[float, ...]) -> 
                 loss_bbox=dict(type="GIoULoss", loss_weight=recipe.giou_weight))
 
 
-def _rcnn_train(iou: float) -> dict[str, Any]:
+def _rcnn_train(iou: float, samples: int) -> dict[str, Any]:
     return dict(assigner=dict(type="MaxIoUAssigner", pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
                               match_low_quality=False, ignore_iof_thr=-1),
-                sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+                sampler=dict(type="RandomSampler", num=samples, pos_fraction=0.25, neg_pos_ub=-1,
                              add_gt_as_proposals=True),
                 mask_size=28, pos_weight=-1, debug=False)
 
@@ -66,10 +66,10 @@ def _model(export_dir: str, recipe: DetRecipe, num_classes: int, in_channels: li
     if cascade:
         roi_head = dict(type="CascadeRoIHead", num_stages=3, stage_loss_weights=[1, 0.5, 0.25],
                         bbox_head=[_bbox_head(recipe, num_classes, stds) for _, stds in _CASCADE])
-        rcnn_train: Any = [_rcnn_train(iou) for iou, _ in _CASCADE]
+        rcnn_train: Any = [_rcnn_train(iou, recipe.rcnn_samples) for iou, _ in _CASCADE]
     elif recipe.detector == "mask_rcnn":
         roi_head = dict(type="StandardRoIHead", bbox_head=_bbox_head(recipe, num_classes, _CASCADE[0][1]))
-        rcnn_train = _rcnn_train(0.5)
+        rcnn_train = _rcnn_train(0.5, recipe.rcnn_samples)
     else:
         raise UserError("detector", f"unknown detector {recipe.detector!r}", "choose cascade_mask_rcnn or mask_rcnn")
     roi_head |= dict(bbox_roi_extractor=roi | dict(roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0)),
@@ -94,7 +94,7 @@ def _model(export_dir: str, recipe: DetRecipe, num_classes: int, in_channels: li
         train_cfg=dict(
             rpn=dict(assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                                    match_low_quality=True, ignore_iof_thr=-1),
-                     sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+                     sampler=dict(type="RandomSampler", num=recipe.rpn_samples, pos_fraction=0.5, neg_pos_ub=-1,
                                   add_gt_as_proposals=False),
                      allowed_border=0, pos_weight=-1, debug=False),
             rpn_proposal=dict(nms_pre=recipe.rpn_proposals, max_per_img=recipe.rpn_proposals, nms=nms,
@@ -102,7 +102,7 @@ def _model(export_dir: str, recipe: DetRecipe, num_classes: int, in_channels: li
             rcnn=rcnn_train),
         test_cfg=dict(
             rpn=dict(nms_pre=recipe.test_proposals, max_per_img=recipe.test_proposals, nms=nms, min_bbox_size=0),
-            rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100,
+            rcnn=dict(score_thr=recipe.score_thr, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100,
                       mask_thr_binary=0.5)),
     )
 

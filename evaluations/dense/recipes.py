@@ -85,6 +85,9 @@ class DetRecipe:
     out_with_norm: bool = True
     rpn_proposals: int = 2000
     test_proposals: int = 1000
+    score_thr: float = 0.05  # test-time detections kept above this score
+    rpn_samples: int = 256  # anchors sampled per image for the RPN loss
+    rcnn_samples: int = 512  # proposals sampled per image for the box/mask heads
     val_interval: int = 1
     log_interval: int = 50
     num_workers: int = 2
@@ -172,6 +175,9 @@ def _ibot_det(size: str, layer_decay: float, drop_path: float, per_gpu: int, det
                        "default (coco_det command does not set it)"),
         rpn_proposals=(2000, f"{_DET}_base_/models/cascade_mask_rcnn_vit_fpn.py train_cfg.rpn_proposal.max_per_img"),
         test_proposals=(1000, f"{_DET}_base_/models/cascade_mask_rcnn_vit_fpn.py test_cfg.rpn.max_per_img"),
+        score_thr=(0.05, f"{_DET}_base_/models/cascade_mask_rcnn_vit_fpn.py test_cfg.rcnn.score_thr"),
+        rpn_samples=(256, f"{_DET}_base_/models/cascade_mask_rcnn_vit_fpn.py train_cfg.rpn.sampler.num"),
+        rcnn_samples=(512, f"{_DET}_base_/models/cascade_mask_rcnn_vit_fpn.py train_cfg.rcnn[*].sampler.num"),
         val_interval=(1, "harness choice (iBOT: evaluation after every epoch, mmdet default)"),
         log_interval=(50, f"{_DET}_base_/default_runtime.py log_config.interval"),
         num_workers=(2, f"{_DET}_base_/datasets/coco_instance.py data.workers_per_gpu"),
@@ -199,13 +205,14 @@ DET_RECIPES: dict[str, DetRecipe] = {
     "mask_rcnn_vit_small": _ibot_det("small", 0.8, 0.1, 4, "mask_rcnn"),
     "mask_rcnn_vit_base": _ibot_det("base", 0.75, 0.2, 2, "mask_rcnn"),
     "tiny": cited(
-        DetRecipe, name=("tiny", TEST), detector=("mask_rcnn", TEST), epochs=(8, TEST), lr_steps=((6,), TEST),
-        batch_size=(4, TEST), lr=(1e-3, TEST), weight_decay=(0.05, TEST), layer_decay=(0.75, TEST),
+        DetRecipe, name=("tiny", TEST), detector=("mask_rcnn", TEST), epochs=(6, TEST), lr_steps=((5,), TEST),
+        batch_size=(4, TEST), lr=(2e-3, TEST), score_thr=(0.01, TEST), weight_decay=(0.05, TEST),
+        layer_decay=(0.75, TEST),
         drop_path=(0.0, TEST), crop_size=((64, 64), TEST), warmup_iters=(5, TEST),
         train_scales=(((64, 64),), TEST), multi_scale=(False, TEST), test_scale=((64, 64), TEST),
-        fpn_channels=(32, TEST), head_norm=("BN", TEST), neck_norm=("BN", TEST), rpn_proposals=(200, TEST),
-        test_proposals=(100, TEST), val_interval=(8, TEST), log_interval=(10, TEST), num_workers=(0, TEST),
-        precision=("fp32", TEST)),
+        fpn_channels=(32, TEST), head_norm=("BN", TEST), neck_norm=("BN", TEST), rpn_proposals=(100, TEST),
+        test_proposals=(50, TEST), rpn_samples=(64, TEST), rcnn_samples=(64, TEST), val_interval=(6, TEST),
+        log_interval=(10, TEST), num_workers=(0, TEST), precision=("fp32", TEST)),
 }
 
 
