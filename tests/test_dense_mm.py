@@ -120,6 +120,9 @@ def test_extrema_levels_are_its_patch_tokens(tmp_path):
         tokens = ref.forward_features(x)[:, 1:]
     torch.testing.assert_close(last.flatten(2).transpose(1, 2), tokens, rtol=1e-5, atol=1e-5)
     assert isinstance(adapter.encoder.blocks_token, torch.nn.Identity)  # unused by dense heads: dropped
+    x.requires_grad_(True)
+    sum(f.sum() for f in adapter(x)).backward()  # DDP needs every trainable parameter to get a gradient
+    assert [n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_neck_matches_ibot_for_patch_16(tmp_path):

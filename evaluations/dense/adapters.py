@@ -121,6 +121,8 @@ class ViTPyramid(nn.Module):
         for name in ("blocks_token", "fc_norm", "head", "head_drop"):
             if isinstance(getattr(encoder, name, None), nn.Module):
                 setattr(encoder, name, nn.Identity())
+        if hasattr(encoder, "blocks_token"):  # ExtreMA: [cls] enters only the class-attention blocks
+            encoder.cls_token.requires_grad_(False)
         if not out_with_norm:
             encoder.norm = nn.Identity()
         dim = encoder.embed_dim
