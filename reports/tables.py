@@ -66,8 +66,10 @@ def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.
     for i, (key, group) in enumerate(_groups(rows).items(), start=1):
         line: dict[str, Any] = {"key": f"R{i}", **dict(zip(GROUP, key, strict=True))}
         data_devs: list[str] = []
-        for (evaluation, protocol), label in protocols.items():
+        for (evaluation, protocol, metric), label in protocols.items():
             cells = [r for r in group if r["evaluation"] == evaluation and r["protocol"] == protocol]
+            if metric is not None:
+                cells = [_for_metric(c, metric) for c in cells]
             ctx = _Join(key, evaluation, protocol, papers, datasets, notes, tolerance, confidence)
             line.update(_protocol_columns(label, cells, group, ctx, data_devs))
         line.update(_cost_columns(group, data_devs))
@@ -127,12 +129,30 @@ def _mark_blocked(rows: list[dict[str, Any]]) -> None:
             r["state"] = f"pretrain {pre[r['cell_id']]}"
 
 
-def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(evaluation, protocol) -> column label, in order of first appearance; the tag is the label."""
-    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in rows if r["stage"] != "pretrain"))
+def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str | None], str]:
+    """(evaluation, protocol, metric) -> column label, in order of first appearance; the tag is the label.
+    ``metric`` is None for the headline; an evaluation's other ``report_metrics`` (COCO's mask AP beside the
+    box AP) follow it as "<tag> <metric>"."""
+    evals = [r for r in rows if r["stage"] != "pretrain"]
+    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in evals))
     tags = [p for _, p in pairs]
-    # Two evaluations sharing a tag would share columns: prefix the evaluation name only then.
-    return {(e, p): (p if p and tags.count(p) == 1 else f"{e} {p}") for e, p in pairs}
+    out: dict[tuple[str, str, str | None], str] = {}
+    for e, p in pairs:
+        # Two evaluations sharing a tag would share columns: prefix the evaluation name only then.
+        label = p if p and tags.count(p) == 1 else f"{e} {p}"
+        out[(e, p, None)] = label
+        mine = [r for r in evals if (r["evaluation"], r["protocol"]) == (e, p)]
+        extra = dict.fromkeys(m for r in mine for m in (r.get("report_metrics") or ()) if m != r["headline_metric"])
+        out.update({(e, p, m): f"{label} {m}" for m in extra})
+    return out
+
+
+def _for_metric(row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """An expected row read for another of its record's metrics than the headline."""
+    rec = row["record"]
+    value = _num(rec.get(f"metric.{metric}")) if rec is not None and rec.get("status") == "done" else None
+    state = "no metric" if row["state"] == "done" and value is None else row["state"]
+    return {**row, "headline_metric": metric, "value": value, "state": state}
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
