@@ -1,0 +1,113 @@
+"""ADE20K semantic segmentation: UperNet (+ FCN auxiliary head) over the exported backbone, trained and scored by
+mmsegmentation (its ``ADE20KDataset``, ``IoUMetric`` and mmengine's Runner) inside the stage
+(``evaluations.mmstage``). Recipes (iBOT's ``ibot_vit_small`` / ``ibot_vit_base``, the CPU ``tiny``) and the
+config are ``evaluations.dense``'s; every recipe value can be overridden here.
+
+Data: an ``ADEChallengeData2016`` root (``images/{training,validation}``, ``annotations/{training,validation}``),
+given as ``data: {ade20k: PATH}`` in the spec. Record: mIoU, mAcc, aAcc (percent; single-scale, slide inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from evaluations import mmstage
+from harness.api import EvalInputs, Metrics, register_evaluation
+from harness.errors import UserError
+
+PAPER_RECIPE = "ibot_vit_base"
+# Recipe settings a spec may override (None: the recipe's value).
+_TUNABLE = ("iters", "batch_size", "lr", "layer_decay", "weight_decay", "drop_path", "crop_size", "warmup_iters",
+            "num_workers", "log_interval", "checkpoint_interval", "val_interval")
+
+
+@dataclass(frozen=True)
+class ADE20KConfig:
+    recipe: str = PAPER_RECIPE  # evaluations.dense.recipes.SEG_RECIPES: ibot_vit_small, ibot_vit_base, tiny
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    layer_decay: float | None = None
+    weight_decay: float | None = None
+    drop_path: float | None = None
+    crop_size: int | None = None
+    warmup_iters: int | None = None
+    num_workers: int | None = None
+    log_interval: int | None = None
+    checkpoint_interval: int | None = None
+    val_interval: int | None = None
+    headline = "mIoU"
+    report_metrics = ("mIoU",)
+
+    def __post_init__(self) -> None:
+        self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _TUNABLE if getattr(self, k) is not None}
+
+    def resolved(self) -> Any:
+        from evaluations.dense.recipes import seg_recipe
+
+        try:
+            return seg_recipe(self.recipe, **self.overrides())
+        except UserError as e:
+            raise UserError(f"ade20k.{e.field}", e.problem, e.fix) from None
+
+    def protocol(self) -> str:
+        return "ade20k/upernet-160k-ss"  # iBOT Tab. 6: UperNet, 160k iterations, 512 crop, single-scale
+
+    def deviations(self) -> dict[str, list]:
+        return recipe_deviations(self.resolved(), PAPER_RECIPE, "seg")
+
+
+def recipe_deviations(recipe: Any, paper_name: str, kind: str) -> dict[str, list]:
+    """{setting: [paper recipe's value, ours]} against the paper recipe the run derives from (tiny: iBOT ViT-B)."""
+    from evaluations.dense.recipes import det_recipe, seg_recipe
+
+    paper = (seg_recipe if kind == "seg" else det_recipe)(paper_name if recipe.name.startswith("tiny") else
+                                                          recipe.name)
+    devs = {f.name: [_plain(getattr(paper, f.name)), _plain(getattr(recipe, f.name))]
+            for f in dataclasses.fields(recipe) if f.name not in ("name", "sources")
+            and getattr(paper, f.name) != getattr(recipe, f.name)}
+    if paper.name != recipe.name:
+        devs["recipe"] = [paper.name, recipe.name]
+    return devs
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, tuple) else v
+
+
+def check_data(root: str, cfg: ADE20KConfig) -> None:
+    mmstage.check_layout(root, "ade20k")
+
+
+def check_backbone(exported: Any, cfg: ADE20KConfig) -> None:
+    mmstage.check_backbone(exported, cfg.resolved().crop_size)
+
+
+@register_evaluation("ade20k", ADE20KConfig, check_data=check_data, check_backbone=check_backbone)
+def run(inputs: EvalInputs, cfg: ADE20KConfig) -> Metrics:
+    from evaluations.dense.openmmlab import prepare
+    from evaluations.dense.seg_config import segmentation_config
+
+    check_data(str(inputs.data_root), cfg)
+    prepare()
+    recipe = cfg.resolved()
+    world = inputs.dist.world_size if inputs.dist is not None else 1
+    export_dir = inputs.spec.pretrain_dir + "/export"
+    mm_cfg = segmentation_config(export_dir, inputs.data_root, recipe, inputs.stage_dir, inputs.seed,
+                                 world_size=world, amp=inputs.device.type == "cuda")
+    result = mmstage.run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=recipe.log_interval,
+                                label="ade20k")
+    values = {k: result.metrics[k] for k in ("mIoU", "mAcc", "aAcc") if k in result.metrics}
+    if "mIoU" not in values:
+        raise RuntimeError(f"mmseg's IoUMetric returned no mIoU (got {sorted(result.metrics)})")
+    tag = f"ade20k:upernet@{recipe.name},{recipe.iters}it,crop{recipe.crop_size},ss"
+    extra = {"recipe": recipe.name, "recipe_values": dataclasses.asdict(recipe) | {"sources": None},
+             "iters": result.iters, "img_per_s": result.img_per_s, "train_seconds": result.train_seconds,
+             "resumed_from_step": result.resumed_from_iter, "final_train_loss": result.final_loss,
+             "mmengine_log_dir": result.log_dir, "config": dataclasses.asdict(cfg)}
+    return Metrics(values=values, protocol=cfg.protocol(), headline="mIoU", extra=extra, tag=tag)

@@ -1,0 +1,105 @@
+"""COCO object detection and instance segmentation: Cascade Mask R-CNN (iBOT) or Mask R-CNN with an FPN over the
+exported backbone, trained and scored by mmdetection (its ``CocoDataset``, ``CocoMetric`` and mmengine's Runner)
+inside the stage (``evaluations.mmstage``). Recipes (``ibot_vit_small`` / ``ibot_vit_base``: Cascade, 1x,
+multi-scale; ``mask_rcnn_vit_*``; the CPU ``tiny``) and the config are ``evaluations.dense``'s.
+
+Data: a COCO 2017 root (``{train,val}2017/``, ``annotations/instances_{train,val}2017.json``), given as
+``data: {coco: PATH}``. Record: box and mask AP with AP50 / AP75 (percent, pycocotools via mmdet's CocoMetric).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluations import mmstage
+from evaluations.ade20k import recipe_deviations
+from harness.api import EvalInputs, Metrics, register_evaluation
+from harness.errors import UserError
+
+PAPER_RECIPE = "ibot_vit_base"
+_TUNABLE = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "drop_path", "crop_size", "num_workers",
+            "log_interval", "val_interval")
+# mmdet's CocoMetric keys (fractions) -> the record's names (percent), as reports/data/paper_numbers.csv names them.
+METRICS = {"coco/bbox_mAP": "AP_box", "coco/bbox_mAP_50": "AP_box50", "coco/bbox_mAP_75": "AP_box75",
+           "coco/segm_mAP": "AP_mask", "coco/segm_mAP_50": "AP_mask50", "coco/segm_mAP_75": "AP_mask75"}
+
+
+@dataclass(frozen=True)
+class COCOConfig:
+    recipe: str = PAPER_RECIPE  # evaluations.dense.recipes.DET_RECIPES
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    layer_decay: float | None = None
+    weight_decay: float | None = None
+    drop_path: float | None = None
+    crop_size: tuple[int, int] | None = None
+    num_workers: int | None = None
+    log_interval: int | None = None
+    val_interval: int | None = None
+    headline = "AP_box"
+    report_metrics = ("AP_box", "AP_mask")
+
+    def __post_init__(self) -> None:
+        if self.crop_size is not None:
+            object.__setattr__(self, "crop_size", tuple(self.crop_size))
+        self.resolved()
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _TUNABLE if getattr(self, k) is not None}
+
+    def resolved(self) -> Any:
+        from evaluations.dense.recipes import det_recipe
+
+        try:
+            return det_recipe(self.recipe, **self.overrides())
+        except UserError as e:
+            raise UserError(f"coco.{e.field}", e.problem, e.fix) from None
+
+    def protocol(self) -> str:
+        # iBOT Tab. 6: Cascade Mask R-CNN, 1x, multi-scale training; the others' Mask R-CNN (CAE/ExtreMA).
+        detector = self.resolved().detector
+        return "coco/cascade-mrcnn-1x" if detector == "cascade_mask_rcnn" else "coco/mrcnn-1x"
+
+    def deviations(self) -> dict[str, list]:
+        recipe = self.resolved()
+        paper = PAPER_RECIPE if recipe.detector == "cascade_mask_rcnn" else "mask_rcnn_vit_base"
+        return recipe_deviations(recipe, paper, "det")
+
+
+def check_data(root: str, cfg: COCOConfig) -> None:
+    mmstage.check_layout(root, "coco")
+
+
+def check_backbone(exported: Any, cfg: COCOConfig) -> None:
+    mmstage.check_backbone(exported, tuple(cfg.resolved().crop_size))
+
+
+@register_evaluation("coco", COCOConfig, check_data=check_data, check_backbone=check_backbone)
+def run(inputs: EvalInputs, cfg: COCOConfig) -> Metrics:
+    from evaluations.dense.det_config import detection_config
+    from evaluations.dense.openmmlab import prepare
+
+    check_data(str(inputs.data_root), cfg)
+    prepare()
+    recipe = cfg.resolved()
+    world = inputs.dist.world_size if inputs.dist is not None else 1
+    mm_cfg = detection_config(Path(inputs.spec.pretrain_dir) / "export", inputs.data_root, recipe, inputs.stage_dir,
+                              inputs.seed, world_size=world, amp=inputs.device.type == "cuda")
+    result = mmstage.run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=recipe.log_interval,
+                                label="coco")
+    values = {ours: 100.0 * result.metrics[theirs] for theirs, ours in METRICS.items() if theirs in result.metrics}
+    if "AP_box" not in values:
+        # mmdet's CocoMetric returns nothing when no box scored above its threshold ("results ... empty")
+        raise RuntimeError(f"mmdet's CocoMetric returned no box AP (got {sorted(result.metrics)}): the detector "
+                           "produced no detections")
+    tag = f"coco:{recipe.detector}@{recipe.name},{recipe.epochs}ep"
+    extra = {"recipe": recipe.name, "recipe_values": dataclasses.asdict(recipe) | {"sources": None},
+             "iters": result.iters, "img_per_s": result.img_per_s, "train_seconds": result.train_seconds,
+             "resumed_from_step": result.resumed_from_iter, "final_train_loss": result.final_loss,
+             "mmengine_log_dir": result.log_dir, "config": dataclasses.asdict(cfg),
+             "coco_metrics": result.metrics}
+    return Metrics(values=values, protocol=cfg.protocol(), headline="AP_box", extra=extra, tag=tag)
