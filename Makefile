@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls only when pyproject.toml changes; a second run installs nothing.
+# Reinstalls only when pyproject.toml changes; a second run installs nothing. The dense extra (OpenMMLab) runs
+# the ADE20K / COCO evaluations.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68,<81"
+	$(BIN)/python -m pip install --quiet -e ".[dev,dense]"
 	touch $(STAMP)
 
 install: $(STAMP)

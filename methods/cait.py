@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.cait import LayerScaleBlockClassAttn
 from timm.models.vision_transformer import Block
@@ -33,7 +33,8 @@ class ClassAttentionViT(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        # Not strict about the input size: dense evaluations run other sizes (``forward_intermediates``).
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid, cls_token=False), requires_grad=False)
@@ -64,6 +65,38 @@ class ClassAttentionViT(nn.Module):
         for blk in self.blocks_token:
             cls = blk(x, cls)
         return self.norm(torch.cat([cls, x], dim=1))
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Run at ``img_size``: the sin-cos position embedding is resampled to the new patch grid (timm's
+        ``resample_abs_pos_embed``, as for any timm ViT), once."""
+        old = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size)
+        if self.patch_embed.grid_size != old:
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed, list(self.patch_embed.grid_size),
+                                                                 list(old), num_prefix_tokens=0),
+                                          requires_grad=False)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int], norm: bool = False, stop_early: bool = True,
+                              output_fmt: str = "NCHW", intermediates_only: bool = True) -> list[torch.Tensor]:
+        """timm's ``forward_intermediates`` contract for the dense evaluations: the patch tokens after the
+        plain blocks ``indices`` (through the final norm when ``norm``) as (B, D, H/p, W/p) maps. The
+        class-attention blocks only update [CLS], so they never change these tokens. Inputs of another
+        size than ``set_input_size`` resample the position embedding on the fly."""
+        if output_fmt != "NCHW" or not intermediates_only:
+            raise ValueError("ClassAttentionViT.forward_intermediates returns NCHW intermediates only")
+        b, _, h, w = x.shape
+        grid = self.patch_embed.dynamic_feat_size((h, w))
+        pos = self.pos_embed
+        if tuple(grid) != tuple(self.patch_embed.grid_size):
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
+        x = self.patch_embed(x) + pos
+        out = []
+        for i, blk in enumerate(self.blocks[: max(indices) + 1] if stop_early else self.blocks):
+            x = blk(x)
+            if i in indices:
+                y = self.norm(x) if norm else x
+                out.append(y.transpose(1, 2).reshape(b, -1, grid[0], grid[1]))
+        return out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]

@@ -160,6 +160,19 @@ def forward_tokens(model: SwinTransformer, images: torch.Tensor) -> tuple[torch.
     return regions.mean(dim=1), regions
 
 
+def stage_maps(model: SwinTransformer, images: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+    """Each stage's output (B, H, W, C), no final norm, in EsViT's block order (the order of the official
+    dense Swin, Swin-Transformer-Object-Detection, too): the feature pyramid of the dense evaluations.
+    ``last``: the last stage to run (all by default)."""
+    x, maps = model.patch_embed(images), []
+    for stage in model.layers[: None if last is None else last + 1]:
+        x = stage.downsample(x)
+        for blk in stage.blocks:
+            x = _block_forward(blk, x)
+        maps.append(x)
+    return maps
+
+
 def last_blocks_features(model: SwinTransformer, images: torch.Tensor, n: int = 4) -> torch.Tensor:
     """EsViT's linear-probe feature (``eval_linear.py --n_last_blocks 4`` ->
     ``SwinTransformer.forward_return_n_last_blocks``): the average over positions of each of the last ``n``
