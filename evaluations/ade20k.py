@@ -42,6 +42,7 @@ class ADE20KConfig:
     report_metrics = ("mIoU",)
 
     def __post_init__(self) -> None:
+        mmstage.coerce_settings(self, "ade20k")
         self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
 
     def overrides(self) -> dict[str, Any]:

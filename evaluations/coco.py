@@ -44,9 +44,8 @@ class COCOConfig:
     report_metrics = ("AP_box", "AP_mask")
 
     def __post_init__(self) -> None:
-        if self.crop_size is not None:
-            object.__setattr__(self, "crop_size", tuple(self.crop_size))
-        self.resolved()
+        mmstage.coerce_settings(self, "coco")
+        self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
 
     def overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _TUNABLE if getattr(self, k) is not None}

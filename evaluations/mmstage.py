@@ -16,6 +16,7 @@ Nothing here imports OpenMMLab at import time: the evaluation registry imports e
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import signal
@@ -177,7 +178,8 @@ def run_runner(inputs: EvalInputs, cfg_dict: dict[str, Any], images_per_iter: in
         metrics = runner.val_loop.run()
     resumed = hook.start_iter if hook.start_iter else None
     rate = hook.iters_timed * images_per_iter / hook.t_train if hook.t_train > 0 else 0.0
-    return RunResult(metrics={k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)},
+    # mmseg rounds in float32: 76.56 would read 76.55999755859375
+    return RunResult(metrics={k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, numbers.Real)},
                      iters=runner.iter, resumed_from_iter=resumed, train_seconds=hook.t_train, img_per_s=rate,
                      log_dir=str(runner.log_dir), final_loss=hook.last_loss)
 
@@ -189,11 +191,12 @@ def check_layout(root: str | Path, layout: str) -> None:
     from harness.errors import UserError
 
     root = Path(root)
-    fix = f"point data.{layout} at a {layout.upper()}-layout root (test data: repro data tiny --sets {layout} --out DIR)"
+    fix = f"point data.{layout} at a {layout.upper()}-layout root (test data: repro data tiny --sets {layout} " \
+          "--out DIR)"
     if not root.is_dir():
         raise UserError(f"data.{layout}", f"{root} is not a folder", fix)
-    for split, (images, annotations) in DENSE_LAYOUTS[layout].items():
-        for rel, want in ((images, IMG_EXTENSIONS), (annotations, (".png",) if layout == "ade20k" else None)):
+    for split, (images, labels) in DENSE_LAYOUTS[layout].items():
+        for rel, want in ((images, IMG_EXTENSIONS), (labels, (".png",) if layout == "ade20k" else None)):
             path = root / rel
             if want is None:  # an annotation file
                 if not path.is_file():
@@ -220,3 +223,15 @@ def check_backbone(exported: Any, crop: int | tuple[int, int]) -> None:
             SwinPyramid(encoder, size, kwargs.get("window_size", 7), None)
         else:
             ViTPyramid(encoder, size, None, True, (4, 8, 16, 32), "BN")
+
+
+def coerce_settings(cfg: Any, where: str) -> None:
+    """Type-check a dense evaluation's settings as a spec's ``overrides:`` are checked (``epochs: x`` is a one-line
+    error naming ``<where>.epochs``, a list becomes a tuple), in place on the frozen dataclass."""
+    import typing
+
+    from harness.config import _coerce
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{where}.{f.name}"))

@@ -310,7 +310,8 @@ def _check_eval_data(matrix: Matrix) -> None:
                 try:
                     evaluation.check_backbone(exported, cfg)
                 except UserError as e:
-                    raise UserError(e.field, f"{s.method}/{s.preset} -> {s.stage}: {e.problem}", e.fix) from None
+                    raise UserError(f"eval_overrides.{s.stage}.{e.field}", f"{s.method}/{s.preset}: {e.problem}",
+                                    e.fix) from None
 
 
 def _meta_export(stage: StageSpec) -> Any:

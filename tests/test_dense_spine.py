@@ -115,10 +115,12 @@ def test_missing_or_misshapen_dense_data_is_one_line_exit_2(tmp_path, tiny_data,
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"ade20k": {"recipe": "tiny", "crop_size": 66}}, "crop_size: 66x66 is not a positive multiple of the patch"),
-    ({"coco": {"recipe": "tiny", "crop_size": [64, 30]}}, "crop_size: 64x30 is not a positive multiple"),
+    ({"ade20k": {"recipe": "tiny", "crop_size": 66}},
+     "eval_overrides.ade20k.crop_size: mae/tiny: 66x66 is not a positive multiple of the patch size (4)"),
+    ({"coco": {"recipe": "tiny", "crop_size": [64, 30]}},
+     "eval_overrides.coco.crop_size: mae/tiny: 64x30 is not a positive multiple"),
     ({"ade20k": {"recipe": "nope"}}, "ade20k.recipe: unknown recipe 'nope'"),
-    ({"coco": {"recipe": "tiny", "epochs": "x"}}, "coco"),
+    ({"coco": {"recipe": "tiny", "epochs": "x"}}, "coco.epochs: expects an integer, got 'x'"),
 ])
 def test_bad_dense_settings_stop_the_launch_in_one_line(tmp_path, tiny_data, dense, capsys, over, message):
     overrides = {"ade20k": {"recipe": "tiny"}, "coco": {"recipe": "tiny"}, **over}
