@@ -15,7 +15,6 @@ from typing import Any
 
 from evaluations import mmstage
 from harness.api import EvalInputs, Metrics, register_evaluation
-from harness.errors import UserError
 
 PAPER_RECIPE = "ibot_vit_base"
 # Recipe settings a spec may override (None: the recipe's value).
@@ -24,7 +23,7 @@ _TUNABLE = ("iters", "batch_size", "lr", "layer_decay", "weight_decay", "drop_pa
 
 
 @dataclass(frozen=True)
-class ADE20KConfig:
+class ADE20KConfig(mmstage.RecipeSettings):
     recipe: str = PAPER_RECIPE  # evaluations.dense.recipes.SEG_RECIPES: ibot_vit_small, ibot_vit_base, tiny
     iters: int | None = None
     batch_size: int | None = None
@@ -40,45 +39,13 @@ class ADE20KConfig:
     val_interval: int | None = None
     headline = "mIoU"
     report_metrics = ("mIoU",)
-
-    def __post_init__(self) -> None:
-        mmstage.coerce_settings(self, "ade20k")
-        self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
-
-    def overrides(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _TUNABLE if getattr(self, k) is not None}
-
-    def resolved(self) -> Any:
-        from evaluations.dense.recipes import seg_recipe
-
-        try:
-            return seg_recipe(self.recipe, **self.overrides())
-        except UserError as e:
-            raise UserError(f"ade20k.{e.field}", e.problem, e.fix) from None
+    evaluation, kind, tunable = "ade20k", "seg", _TUNABLE
 
     def protocol(self) -> str:
         return "ade20k/upernet-160k-ss"  # iBOT Tab. 6: UperNet, 160k iterations, 512 crop, single-scale
 
     def deviations(self) -> dict[str, list]:
-        return recipe_deviations(self.resolved(), PAPER_RECIPE, "seg")
-
-
-def recipe_deviations(recipe: Any, paper_name: str, kind: str) -> dict[str, list]:
-    """{setting: [paper recipe's value, ours]} against the paper recipe the run derives from (tiny: iBOT ViT-B)."""
-    from evaluations.dense.recipes import det_recipe, seg_recipe
-
-    paper = (seg_recipe if kind == "seg" else det_recipe)(paper_name if recipe.name.startswith("tiny") else
-                                                          recipe.name)
-    devs = {f.name: [_plain(getattr(paper, f.name)), _plain(getattr(recipe, f.name))]
-            for f in dataclasses.fields(recipe) if f.name not in ("name", "sources")
-            and getattr(paper, f.name) != getattr(recipe, f.name)}
-    if paper.name != recipe.name:
-        devs["recipe"] = [paper.name, recipe.name]
-    return devs
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, tuple) else v
+        return self.recipe_deviations(PAPER_RECIPE)
 
 
 def check_data(root: str, cfg: ADE20KConfig) -> None:

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluations import mmstage
-from evaluations.ade20k import recipe_deviations
 from harness.api import EvalInputs, Metrics, register_evaluation
-from harness.errors import UserError
 
 PAPER_RECIPE = "ibot_vit_base"
 _TUNABLE = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "drop_path", "crop_size", "num_workers",
@@ -28,7 +26,7 @@ METRICS = {"coco/bbox_mAP": "AP_box", "coco/bbox_mAP_50": "AP_box50", "coco/bbox
 
 
 @dataclass(frozen=True)
-class COCOConfig:
+class COCOConfig(mmstage.RecipeSettings):
     recipe: str = PAPER_RECIPE  # evaluations.dense.recipes.DET_RECIPES
     epochs: int | None = None
     batch_size: int | None = None
@@ -42,21 +40,7 @@ class COCOConfig:
     val_interval: int | None = None
     headline = "AP_box"
     report_metrics = ("AP_box", "AP_mask")
-
-    def __post_init__(self) -> None:
-        mmstage.coerce_settings(self, "coco")
-        self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
-
-    def overrides(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _TUNABLE if getattr(self, k) is not None}
-
-    def resolved(self) -> Any:
-        from evaluations.dense.recipes import det_recipe
-
-        try:
-            return det_recipe(self.recipe, **self.overrides())
-        except UserError as e:
-            raise UserError(f"coco.{e.field}", e.problem, e.fix) from None
+    evaluation, kind, tunable = "coco", "det", _TUNABLE
 
     def protocol(self) -> str:
         # iBOT Tab. 6: Cascade Mask R-CNN, 1x, multi-scale training; the others' Mask R-CNN (CAE/ExtreMA).
@@ -64,9 +48,8 @@ class COCOConfig:
         return "coco/cascade-mrcnn-1x" if detector == "cascade_mask_rcnn" else "coco/mrcnn-1x"
 
     def deviations(self) -> dict[str, list]:
-        recipe = self.resolved()
-        paper = PAPER_RECIPE if recipe.detector == "cascade_mask_rcnn" else "mask_rcnn_vit_base"
-        return recipe_deviations(recipe, paper, "det")
+        detector = self.resolved().detector
+        return self.recipe_deviations(PAPER_RECIPE if detector == "cascade_mask_rcnn" else "mask_rcnn_vit_base")
 
 
 def check_data(root: str, cfg: COCOConfig) -> None:

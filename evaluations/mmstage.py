@@ -23,10 +23,11 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from harness.api import EvalInputs
 from harness.atomic import write_text
+from harness.errors import UserError
 from harness.stages import write_progress
 
 WORK_DIR = "mmengine"
@@ -188,7 +189,6 @@ def run_runner(inputs: EvalInputs, cfg_dict: dict[str, Any], images_per_iter: in
 def check_layout(root: str | Path, layout: str) -> None:
     """The dataset's own folders and files (``harness.dataset_id.DENSE_LAYOUTS``), naming the first one missing."""
     from harness.dataset_id import DENSE_LAYOUTS, IMG_EXTENSIONS
-    from harness.errors import UserError
 
     root = Path(root)
     fix = f"point data.{layout} at a {layout.upper()}-layout root (test data: repro data tiny --sets {layout} " \
@@ -235,3 +235,46 @@ def coerce_settings(cfg: Any, where: str) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{where}.{f.name}"))
+
+
+class RecipeSettings:
+    """What the ``ade20k`` and ``coco`` configs share: a named recipe of ``evaluations.dense.recipes`` and per-value
+    overrides (None: the recipe's), type-checked and resolved when the spec is expanded."""
+
+    evaluation: ClassVar[str]  # "ade20k" | "coco": the field prefix of error messages
+    kind: ClassVar[str]  # "seg" | "det": which recipe table
+    tunable: ClassVar[tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        coerce_settings(self, self.evaluation)
+        self.resolved()  # an unknown recipe or a bad value fails when the spec is expanded
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.tunable if getattr(self, k) is not None}
+
+    def resolved(self) -> Any:
+        from evaluations.dense.recipes import det_recipe, seg_recipe
+
+        try:
+            return (seg_recipe if self.kind == "seg" else det_recipe)(self.recipe, **self.overrides())
+        except UserError as e:
+            raise UserError(f"{self.evaluation}.{e.field}", e.problem, e.fix) from None
+
+    def recipe_deviations(self, paper_name: str) -> dict[str, list]:
+        """{setting: [paper recipe's value, ours]} against the paper recipe the run derives from (``paper_name``
+        for the tiny recipes, else the recipe itself: then only overrides deviate)."""
+        from evaluations.dense.recipes import det_recipe, seg_recipe
+
+        recipe = self.resolved()
+        lookup = seg_recipe if self.kind == "seg" else det_recipe
+        paper = lookup(paper_name if recipe.name.startswith("tiny") else recipe.name)
+        devs = {f.name: [_plain(getattr(paper, f.name)), _plain(getattr(recipe, f.name))]
+                for f in dataclasses.fields(recipe) if f.name not in ("name", "sources")
+                and getattr(paper, f.name) != getattr(recipe, f.name)}
+        if paper.name != recipe.name:
+            devs["recipe"] = [paper.name, recipe.name]
+        return devs
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, tuple) else v

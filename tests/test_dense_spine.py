@@ -15,7 +15,7 @@ from harness.api import ExportedBackbone, FeatureSpec
 from harness.cli import main
 from harness.dataset_id import fingerprint
 from harness.errors import UserError
-from harness.tinydata import MARKER, make_tiny
+from harness.tinydata import MARKER
 from harness.tinydense import ADE_IDS, COCO_IDS, PER_SPLIT
 from reports.datasets import identify, load_datasets
 from reports.paper import load_paper_numbers
@@ -23,8 +23,8 @@ from reports.tables import comparison_table
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("dense"), sets=("ade20k", "coco"))
+def dense(tiny_dense):
+    return tiny_dense
 
 
 def test_tiny_ade20k_has_the_real_layout_and_label_ids(dense):
