@@ -73,7 +73,9 @@ def run(inputs: EvalInputs, cfg: COCOConfig) -> Metrics:
                               inputs.seed, world_size=world, amp=inputs.device.type == "cuda")
     result = mmstage.run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=recipe.log_interval,
                                 label="coco")
-    values = {ours: 100.0 * result.metrics[theirs] for theirs, ours in METRICS.items() if theirs in result.metrics}
+    # CocoMetric rounds to 3 decimals: 0.14 -> 14.0 AP, not 14.000000000000002
+    values = {ours: round(100.0 * result.metrics[theirs], 4) for theirs, ours in METRICS.items()
+              if theirs in result.metrics}
     if "AP_box" not in values:
         # mmdet's CocoMetric returns nothing when no box scored above its threshold ("results ... empty")
         raise RuntimeError(f"mmdet's CocoMetric returned no box AP (got {sorted(result.metrics)}): the detector "

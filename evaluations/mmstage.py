@@ -237,6 +237,12 @@ def coerce_settings(cfg: Any, where: str) -> None:
         object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{where}.{f.name}"))
 
 
+# Recipe values that do not change what is computed (logging, loader workers, checkpoint and validation cadence,
+# the multi-scale test a single-scale record does not run): never reported as deviations from the paper.
+_NOT_RECIPE = frozenset({"name", "sources", "log_interval", "num_workers", "checkpoint_interval", "val_interval",
+                         "ms_ratios", "ms_flip"})
+
+
 class RecipeSettings:
     """What the ``ade20k`` and ``coco`` configs share: a named recipe of ``evaluations.dense.recipes`` and per-value
     overrides (None: the recipe's), type-checked and resolved when the spec is expanded."""
@@ -269,7 +275,7 @@ class RecipeSettings:
         lookup = seg_recipe if self.kind == "seg" else det_recipe
         paper = lookup(paper_name if recipe.name.startswith("tiny") else recipe.name)
         devs = {f.name: [_plain(getattr(paper, f.name)), _plain(getattr(recipe, f.name))]
-                for f in dataclasses.fields(recipe) if f.name not in ("name", "sources")
+                for f in dataclasses.fields(recipe) if f.name not in _NOT_RECIPE
                 and getattr(paper, f.name) != getattr(recipe, f.name)}
         if paper.name != recipe.name:
             devs["recipe"] = [paper.name, recipe.name]

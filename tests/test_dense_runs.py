@@ -19,7 +19,7 @@ from harness.stages import run_stage
 
 pytestmark = pytest.mark.slow
 PRE = {"epochs": 1, "batch_size": 64, "num_workers": 0}
-TINY = {"ade20k": {"recipe": "tiny"}, "coco": {"recipe": "tiny"}}
+TINY = {"ade20k": {"recipe": "tiny"}, "coco": {"recipe": "tiny", "epochs": 6}}
 
 
 def _spec(tmp: Path, digits: Path, dense: dict[str, Path], method: str, eval_overrides: dict) -> Path:
