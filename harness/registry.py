@@ -28,6 +28,7 @@ class Registry(Generic[T]):
         self._builtin_package = builtin_package
         self._items: dict[str, T] = {}
         self._loaded = False
+        self._failed: dict[str, str] = {}  # plugin module -> why it did not import
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -43,18 +44,29 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        # Every module of the built-in package registers its plugins when imported.
+        # Every module of the built-in package registers its plugins when imported. A module that fails to
+        # import loses only its own plugins: the others stay reachable, and a lookup of a missing name says why.
         package = import_module(self._builtin_package)
         for info in pkgutil.iter_modules(package.__path__):
-            import_module(f"{self._builtin_package}.{info.name}")
+            self._import(f"{self._builtin_package}.{info.name}", import_module)
         for ep in entry_points(group=self.entry_point_group):
-            ep.load()
+            self._import(ep.value, lambda _, ep=ep: ep.load())
+
+    def _import(self, module: str, load: Callable[[str], object]) -> None:
+        try:
+            load(module)
+        except Exception as e:  # any plugin error: reported on lookup
+            self._failed[module] = f"{type(e).__name__}: {e}".splitlines()[0]
 
     def get(self, name: str, field: str | None = None) -> T:
         self._load()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise UserError(field or self.kind, f"unknown {self.kind} {name!r}", f"choose one of: {known}")
+            fix = f"choose one of: {known}"
+            if self._failed:
+                fix += " (plugins that failed to import: " + "; ".join(f"{m}: {e}" for m, e in self._failed.items())
+                fix += ")"
+            raise UserError(field or self.kind, f"unknown {self.kind} {name!r}", fix)
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -28,6 +28,8 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resize_rel_pos_bias_table
+from timm.models.beit import Beit, gen_relative_position_index
 from torch import nn
 
 from harness.errors import UserError
@@ -99,6 +101,8 @@ class ViTPyramid(nn.Module):
         if img_size is not None:
             _check_crop(img_size, patch, "patch size")
             encoder.set_input_size(img_size=img_size)
+        if isinstance(encoder, Beit):
+            encoder.patch_embed.strict_img_size = False  # other sizes: see _beit_levels
         depth = len(encoder.blocks)
         self.out_indices = tuple(out_indices) if out_indices is not None else default_out_indices(depth)
         if any(not 0 <= i < depth for i in self.out_indices):
@@ -126,11 +130,38 @@ class ViTPyramid(nn.Module):
 
     def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen blocks' patch tokens as (B, D, H/p, W/p) maps, before the necks."""
+        grid = self.encoder.patch_embed.dynamic_feat_size(x.shape[-2:])
+        if isinstance(self.encoder, Beit) and tuple(grid) != tuple(self.encoder.patch_embed.grid_size):
+            return self._beit_levels(x, tuple(grid))
         return self.encoder.forward_intermediates(x, indices=list(self.out_indices), norm=self.out_with_norm,
                                                   stop_early=True, output_fmt="NCHW", intermediates_only=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(neck(f) for neck, f in zip(self.necks, self.levels(x), strict=True))
+
+    def _beit_levels(self, x: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """timm's Beit runs at one input size; another (a detection batch) gets the shared relative position
+        bias resampled to its grid on the fly, as ``RelativePositionBias.set_window_size`` does once."""
+        enc = self.encoder
+        if enc.rel_pos_bias is None or enc.pos_embed is not None:
+            raise UserError("backbone", f"this BEiT (per-block relative bias or absolute position embedding) runs "
+                            f"at {tuple(enc.patch_embed.img_size)} only, got an input of {tuple(x.shape[-2:])}",
+                            "pad inputs to the crop size (BatchFixedSizePad)")
+        table = enc.rel_pos_bias.relative_position_bias_table
+        area = grid[0] * grid[1]
+        table = resize_rel_pos_bias_table(table, new_window_size=grid, old_window_size=enc.rel_pos_bias.window_size,
+                                          new_bias_shape=((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, table.shape[1]))
+        index = gen_relative_position_index(grid, device=x.device)
+        bias = table[index.view(-1)].view(area + 1, area + 1, -1).permute(2, 0, 1).contiguous()
+        tokens = enc.patch_embed(x)
+        tokens = enc.pos_drop(torch.cat([enc.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1))
+        out = []
+        for i, blk in enumerate(enc.blocks[: max(self.out_indices) + 1]):
+            tokens = blk(tokens, shared_rel_pos_bias=bias)
+            if i in self.out_indices:
+                y = enc.norm(tokens) if self.out_with_norm else tokens
+                out.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid))
+        return out
 
 
 class SwinPyramid(nn.Module):

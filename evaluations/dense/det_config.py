@@ -17,7 +17,7 @@ import torch
 from evaluations.dense.adapters import backbone_levels
 from evaluations.dense.openmmlab import BACKBONE
 from evaluations.dense.recipes import DetRecipe
-from evaluations.dense.runtime import optim_wrapper, runtime
+from evaluations.dense.runtime import optim_wrapper, runtime, warmup
 from evaluations.dense.seg_config import MEAN, STD
 from harness.errors import UserError
 
@@ -161,12 +161,9 @@ def detection_config(export_dir: str | Path, data_root: str | Path, recipe: DetR
                             dataset=dataset("val", test_pipeline, False), **loader),
         val_evaluator=evaluator,
         train_cfg=dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=min(recipe.val_interval, epochs)),
-        val_cfg=dict(type="ValLoop"),
-        test_cfg=dict(type="TestLoop"),
         optim_wrapper=optim_wrapper(recipe.lr, recipe.weight_decay, recipe.betas, recipe.layer_decay, amp),
         param_scheduler=[
-            dict(type="LinearLR", start_factor=recipe.warmup_ratio, by_epoch=False, begin=0,
-                 end=recipe.warmup_iters),
+            warmup(recipe.warmup_ratio, recipe.warmup_iters),
             dict(type="MultiStepLR", begin=0, end=recipe.epochs, by_epoch=True, milestones=list(recipe.lr_steps),
                  gamma=0.1),
         ],

@@ -206,15 +206,11 @@ DET_RECIPES: dict[str, DetRecipe] = {
         fpn_channels=(32, TEST), head_norm=("BN", TEST), neck_norm=("BN", TEST), rpn_proposals=(200, TEST),
         test_proposals=(100, TEST), val_interval=(8, TEST), log_interval=(10, TEST), num_workers=(0, TEST),
         precision=("fp32", TEST)),
-    "tiny_cascade": cited(
-        DetRecipe, name=("tiny_cascade", TEST), detector=("cascade_mask_rcnn", TEST), epochs=(8, TEST),
-        lr_steps=((6,), TEST), batch_size=(4, TEST), lr=(1e-3, TEST), weight_decay=(0.05, TEST),
-        layer_decay=(0.75, TEST), drop_path=(0.0, TEST), crop_size=((64, 64), TEST), warmup_iters=(5, TEST),
-        train_scales=(((64, 64),), TEST), multi_scale=(False, TEST), test_scale=((64, 64), TEST),
-        fpn_channels=(32, TEST), head_norm=("BN", TEST), neck_norm=("BN", TEST), rpn_proposals=(200, TEST),
-        test_proposals=(100, TEST), val_interval=(8, TEST), log_interval=(10, TEST), num_workers=(0, TEST),
-        precision=("fp32", TEST)),
 }
+
+
+DET_RECIPES["tiny_cascade"] = dataclasses.replace(DET_RECIPES["tiny"], name="tiny_cascade",
+                                                  detector="cascade_mask_rcnn")
 
 
 def _lookup(table: dict[str, Any], name: str, field_name: str) -> Any:

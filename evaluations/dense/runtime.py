@@ -15,10 +15,18 @@ def optim_wrapper(lr: float, weight_decay: float, betas: tuple[float, float], la
                           constructor=CONSTRUCTOR, paramwise_cfg=dict(layer_decay=layer_decay))
 
 
+def warmup(ratio: float, iters: int) -> dict[str, Any]:
+    """Linear warm-up by iteration, chained with the main schedule (mmengine multiplies their factors, as
+    mmcv 1.x applied warm-up on top of its policy)."""
+    return dict(type="LinearLR", start_factor=ratio, by_epoch=False, begin=0, end=iters)
+
+
 def runtime(work_dir: str, seed: int, scope: str, log_interval: int, checkpoint_interval: int, by_epoch: bool,
             visualizer: str) -> dict[str, Any]:
     """Hooks, environment and logging. Checkpoints keep the last two (``resume=True`` reads the newest)."""
     return dict(
+        val_cfg=dict(type="ValLoop"),
+        test_cfg=dict(type="TestLoop"),
         default_scope=scope,
         work_dir=work_dir,
         randomness=dict(seed=seed, deterministic=False),

@@ -16,7 +16,7 @@ import torch
 from evaluations.dense.adapters import backbone_levels
 from evaluations.dense.openmmlab import BACKBONE
 from evaluations.dense.recipes import SegRecipe
-from evaluations.dense.runtime import optim_wrapper, runtime
+from evaluations.dense.runtime import optim_wrapper, runtime, warmup
 
 # ImageNet mean/std in 0-255 BGR-loaded, RGB-converted pixels (iBOT _base_/datasets/ade20k.py img_norm_cfg).
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -101,12 +101,9 @@ def segmentation_config(export_dir: str | Path, data_root: str | Path, recipe: S
                             dataset=_dataset(data_root, "val", test_pipeline), **loader),
         val_evaluator=evaluator,
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=min(recipe.val_interval, iters)),
-        val_cfg=dict(type="ValLoop"),
-        test_cfg=dict(type="TestLoop"),
         optim_wrapper=optim_wrapper(recipe.lr, recipe.weight_decay, recipe.betas, recipe.layer_decay, amp),
         param_scheduler=[
-            dict(type="LinearLR", start_factor=recipe.warmup_ratio, by_epoch=False, begin=0,
-                 end=recipe.warmup_iters),
+            warmup(recipe.warmup_ratio, recipe.warmup_iters),
             dict(type="PolyLR", power=recipe.poly_power, eta_min=recipe.min_lr, by_epoch=False, begin=0,
                  end=recipe.iters),
         ],
