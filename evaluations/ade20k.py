@@ -9,7 +9,6 @@ given as ``data: {ade20k: PATH}`` in the spec. Record: mIoU, mAcc, aAcc (percent
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,24 +57,12 @@ def check_backbone(exported: Any, cfg: ADE20KConfig) -> None:
 
 @register_evaluation("ade20k", ADE20KConfig, check_data=check_data, check_backbone=check_backbone)
 def run(inputs: EvalInputs, cfg: ADE20KConfig) -> Metrics:
-    from evaluations.dense.openmmlab import prepare
     from evaluations.dense.seg_config import segmentation_config
 
-    check_data(str(inputs.data_root), cfg)
-    prepare()
-    recipe = cfg.resolved()
-    world = inputs.dist.world_size if inputs.dist is not None else 1
-    export_dir = inputs.spec.pretrain_dir + "/export"
-    mm_cfg = segmentation_config(export_dir, inputs.data_root, recipe, inputs.stage_dir, inputs.seed,
-                                 world_size=world, amp=inputs.device.type == "cuda")
-    result = mmstage.run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=recipe.log_interval,
-                                label="ade20k")
+    recipe, result = mmstage.run_recipe(inputs, cfg, segmentation_config)
     values = {k: result.metrics[k] for k in ("mIoU", "mAcc", "aAcc") if k in result.metrics}
     if "mIoU" not in values:
         raise RuntimeError(f"mmseg's IoUMetric returned no mIoU (got {sorted(result.metrics)})")
     tag = f"ade20k:upernet@{recipe.name},{recipe.iters}it,crop{recipe.crop_size},ss"
-    extra = {"recipe": recipe.name, "recipe_values": dataclasses.asdict(recipe) | {"sources": None},
-             "iters": result.iters, "img_per_s": result.img_per_s, "train_seconds": result.train_seconds,
-             "resumed_from_step": result.resumed_from_iter, "final_train_loss": result.final_loss,
-             "mmengine_log_dir": result.log_dir, "config": dataclasses.asdict(cfg)}
-    return Metrics(values=values, protocol=cfg.protocol(), headline="mIoU", extra=extra, tag=tag)
+    return Metrics(values=values, protocol=cfg.protocol(), headline="mIoU",
+                   extra=mmstage.record_extra(recipe, result, cfg), tag=tag)

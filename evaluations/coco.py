@@ -9,9 +9,7 @@ Data: a COCO 2017 root (``{train,val}2017/``, ``annotations/instances_{train,val
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from evaluations import mmstage
@@ -63,16 +61,8 @@ def check_backbone(exported: Any, cfg: COCOConfig) -> None:
 @register_evaluation("coco", COCOConfig, check_data=check_data, check_backbone=check_backbone)
 def run(inputs: EvalInputs, cfg: COCOConfig) -> Metrics:
     from evaluations.dense.det_config import detection_config
-    from evaluations.dense.openmmlab import prepare
 
-    check_data(str(inputs.data_root), cfg)
-    prepare()
-    recipe = cfg.resolved()
-    world = inputs.dist.world_size if inputs.dist is not None else 1
-    mm_cfg = detection_config(Path(inputs.spec.pretrain_dir) / "export", inputs.data_root, recipe, inputs.stage_dir,
-                              inputs.seed, world_size=world, amp=inputs.device.type == "cuda")
-    result = mmstage.run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=recipe.log_interval,
-                                label="coco")
+    recipe, result = mmstage.run_recipe(inputs, cfg, detection_config)
     # CocoMetric rounds to 3 decimals: 0.14 -> 14.0 AP, not 14.000000000000002
     values = {ours: round(100.0 * result.metrics[theirs], 4) for theirs, ours in METRICS.items()
               if theirs in result.metrics}
@@ -80,10 +70,6 @@ def run(inputs: EvalInputs, cfg: COCOConfig) -> Metrics:
         # mmdet's CocoMetric returns nothing when no box scored above its threshold ("results ... empty")
         raise RuntimeError(f"mmdet's CocoMetric returned no box AP (got {sorted(result.metrics)}): the detector "
                            "produced no detections")
-    tag = f"coco:{recipe.detector}@{recipe.name},{recipe.epochs}ep"
-    extra = {"recipe": recipe.name, "recipe_values": dataclasses.asdict(recipe) | {"sources": None},
-             "iters": result.iters, "img_per_s": result.img_per_s, "train_seconds": result.train_seconds,
-             "resumed_from_step": result.resumed_from_iter, "final_train_loss": result.final_loss,
-             "mmengine_log_dir": result.log_dir, "config": dataclasses.asdict(cfg),
-             "coco_metrics": result.metrics}
-    return Metrics(values=values, protocol=cfg.protocol(), headline="AP_box", extra=extra, tag=tag)
+    extra = {**mmstage.record_extra(recipe, result, cfg), "coco_metrics": result.metrics}
+    return Metrics(values=values, protocol=cfg.protocol(), headline="AP_box", extra=extra,
+                   tag=f"coco:{recipe.detector}@{recipe.name},{recipe.epochs}ep")

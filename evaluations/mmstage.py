@@ -284,3 +284,27 @@ class RecipeSettings:
 
 def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, tuple) else v
+
+
+def run_recipe(inputs: EvalInputs, cfg: RecipeSettings, build: Any) -> tuple[Any, RunResult]:
+    """An ``ade20k`` / ``coco`` stage: its data checked, OpenMMLab prepared, the recipe's config built by ``build``
+    (``segmentation_config`` / ``detection_config``) over the cell's export, and run to its end."""
+    from evaluations.dense.openmmlab import prepare
+
+    check_layout(inputs.data_root, cfg.evaluation)
+    prepare()
+    recipe = cfg.resolved()
+    world = inputs.dist.world_size if inputs.dist is not None else 1
+    mm_cfg = build(Path(inputs.spec.pretrain_dir) / "export", inputs.data_root, recipe, inputs.stage_dir, inputs.seed,
+                   world_size=world, amp=inputs.device.type == "cuda")
+    log_every = recipe.log_interval
+    return recipe, run_runner(inputs, mm_cfg, images_per_iter=recipe.batch_size, log_every=log_every,
+                              label=cfg.evaluation)
+
+
+def record_extra(recipe: Any, result: RunResult, cfg: Any) -> dict[str, Any]:
+    """What a dense record keeps besides its metrics: the recipe's values, the run's length, speed and logs."""
+    return {"recipe": recipe.name, "recipe_values": dataclasses.asdict(recipe) | {"sources": None},
+            "iters": result.iters, "img_per_s": result.img_per_s, "train_seconds": result.train_seconds,
+            "resumed_from_step": result.resumed_from_iter, "final_train_loss": result.final_loss,
+            "mmengine_log_dir": result.log_dir, "config": dataclasses.asdict(cfg)}

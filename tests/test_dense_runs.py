@@ -104,3 +104,14 @@ def test_swin_pipeline_runs_in_process(tmp_path, tiny_data, tiny_dense, capsys):
     assert run_stage(dataclasses.replace(cell.evaluations[0]))["created_at"] == ade["created_at"]
     assert main(["report", str(path)]) == 0
     assert "coco/mrcnn-1x AP_mask ours" in capsys.readouterr().out
+
+
+def test_data_gone_at_run_time_is_a_one_line_error(vit, tmp_path, capsys):
+    path, matrix = vit
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["ade20k"] = str(tmp_path / "gone")  # launched fine, then the dataset went away
+    moved = path.parent / "moved.yaml"
+    moved.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(moved), "--cell", matrix.cells[0].pretrain.cell_id, "--stage", "ade20k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gone is not a folder" in err
