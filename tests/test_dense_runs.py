@@ -22,10 +22,12 @@ PRE = {"epochs": 1, "batch_size": 64, "num_workers": 0}
 TINY = {"ade20k": {"recipe": "tiny"}, "coco": {"recipe": "tiny", "epochs": 6}}
 
 
-def _spec(tmp: Path, digits: Path, dense: dict[str, Path], method: str, eval_overrides: dict) -> Path:
+def _spec(tmp: Path, digits: Path, dense: dict[str, Path], method: str, eval_overrides: dict,
+          extra: dict | None = None) -> Path:
     spec = {"name": f"dense-{method}", "out": str(tmp / "runs"),
             "data": {"pretrain": str(digits), "ade20k": str(dense["ade20k"]), "coco": str(dense["coco"])},
-            "experiments": [{"method": method, "preset": "tiny", "overrides": PRE, "evaluations": ["ade20k", "coco"],
+            "experiments": [{"method": method, "preset": "tiny", "overrides": {**PRE, **(extra or {})},
+                             "evaluations": ["ade20k", "coco"],
                              "eval_overrides": eval_overrides}]}
     path = tmp / f"dense-{method}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -91,12 +93,20 @@ def test_trained_heads_beat_the_same_model_with_untrained_heads(vit):
     assert trained_coco["AP_mask"] > 100 * before_coco.get("coco/segm_mAP", 0.0) + 2
 
 
-def test_swin_pipeline_runs_in_process(tmp_path, tiny_data, tiny_dense, capsys):
+@pytest.fixture(scope="module")
+def swin(tmp_path_factory, tiny_data, tiny_dense):
+    """EsViT tiny in this process (run_stage): pretrain, then short ade20k and coco runs."""
+    tmp = tmp_path_factory.mktemp("dense_swin")
     short = {"ade20k": {"recipe": "tiny", "iters": 10}, "coco": {"recipe": "tiny", "epochs": 1}}
-    path = _spec(tmp_path, tiny_data / "digits", tiny_dense, "esvit", short)
+    path = _spec(tmp, tiny_data / "digits", tiny_dense, "esvit", short, {"warmup_teacher_temp_epochs": 1})
     cell = expand(path).cells[0]
     for stage in cell.stages:
         assert run_stage(stage)["status"] == "done"
+    return path, cell
+
+
+def test_swin_pipeline_runs_in_process(swin, capsys):
+    path, cell = swin
     ade, coco = (read_record(s.stage_dir) for s in cell.evaluations)
     assert ade["metrics"]["mIoU"] > 0 and ade["metrics_extra"]["iters"] == 10
     assert "AP_mask" in coco["metrics"] and ade["backbone"].startswith("Swin")
@@ -106,12 +116,12 @@ def test_swin_pipeline_runs_in_process(tmp_path, tiny_data, tiny_dense, capsys):
     assert "coco/mrcnn-1x AP_mask ours" in capsys.readouterr().out
 
 
-def test_data_gone_at_run_time_is_a_one_line_error(vit, tmp_path, capsys):
-    path, matrix = vit
+def test_data_gone_at_run_time_is_a_one_line_error(swin, tmp_path, capsys):
+    path, cell = swin
     spec = yaml.safe_load(path.read_text())
     spec["data"]["ade20k"] = str(tmp_path / "gone")  # launched fine, then the dataset went away
     moved = path.parent / "moved.yaml"
     moved.write_text(yaml.safe_dump(spec))
-    assert main(["run", str(moved), "--cell", matrix.cells[0].pretrain.cell_id, "--stage", "ade20k"]) == 2
+    assert main(["run", str(moved), "--cell", cell.pretrain.cell_id, "--stage", "ade20k"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gone is not a folder" in err
