@@ -66,10 +66,11 @@ def run(inputs: EvalInputs, cfg: COCOConfig) -> Metrics:
     # CocoMetric rounds to 3 decimals: 0.14 -> 14.0 AP, not 14.000000000000002
     values = {ours: round(100.0 * result.metrics[theirs], 4) for theirs, ours in METRICS.items()
               if theirs in result.metrics}
-    if "AP_box" not in values:
-        # mmdet's CocoMetric returns nothing when no box scored above its threshold ("results ... empty")
-        raise RuntimeError(f"mmdet's CocoMetric returned no box AP (got {sorted(result.metrics)}): the detector "
-                           "produced no detections")
-    extra = {**mmstage.record_extra(recipe, result, cfg), "coco_metrics": result.metrics}
+    # mmdet's CocoMetric returns nothing when no box scored above the test threshold (it logs "The testing results
+    # of the whole dataset is empty"): no detection recalls nothing, so every AP is 0, and the record says why.
+    empty = not values
+    if empty:
+        values = dict.fromkeys(METRICS.values(), 0.0)
+    extra = {**mmstage.record_extra(recipe, result, cfg), "coco_metrics": result.metrics, "no_detections": empty}
     return Metrics(values=values, protocol=cfg.protocol(), headline="AP_box", extra=extra,
                    tag=f"coco:{recipe.detector}@{recipe.name},{recipe.epochs}ep")
