@@ -39,16 +39,19 @@ def register_method(name: str):
 
 
 def register_evaluation(name: str, config_cls: type, resources: str | None = None,
-                        check_data: Callable[[str, Any], None] | None = None):
+                        check_data: Callable[[str, Any], None] | None = None,
+                        check_backbone: Callable[[ExportedBackbone, Any], None] | None = None):
     """``@register_evaluation("knn", KNNConfig) def run(inputs: EvalInputs, cfg: KNNConfig) -> Metrics``.
 
     ``resources``: the key of the spec's ``resources:`` block this evaluation runs with (default: its
     name; a spec without that block falls back to ``eval``). ``check_data(root, cfg)``: a cheap layout
-    check run at launch (default: ``train/`` and ``val/`` ImageFolders)."""
+    check run at launch (default: ``train/`` and ``val/`` ImageFolders). ``check_backbone(exported, cfg)``:
+    run at launch on the backbone the cell's method will export, built on the meta device (no weights)."""
 
     def decorator(fn: Callable[[EvalInputs, Any], Metrics]) -> Callable[[EvalInputs, Any], Metrics]:
         EVALUATIONS.register(name)(Evaluation(name=name, run=fn, config_cls=config_cls,
-                                              resources=resources or name, check_data=check_data))
+                                              resources=resources or name, check_data=check_data,
+                                              check_backbone=check_backbone))
         return fn
 
     return decorator
@@ -61,6 +64,7 @@ class Evaluation:
     config_cls: type
     resources: str = "eval"
     check_data: Callable[[str, Any], None] | None = None
+    check_backbone: Callable[[ExportedBackbone, Any], None] | None = None
 
 
 @dataclass(frozen=True)

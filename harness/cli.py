@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make data sets", description="make data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SET")
-    tiny = data_sub.add_parser("tiny", help="write the tiny ImageFolder sets (digits, synthetic)")
-    tiny.add_argument("--out", required=True, type=Path, help="folder that receives one ImageFolder per set")
-    tiny.add_argument("--sets", nargs="+", default=["digits", "synthetic"], help="which sets to write")
+    tiny = data_sub.add_parser("tiny", help="write the tiny data sets (ImageFolder: digits, synthetic; dense: "
+                                            "ade20k, coco)")
+    tiny.add_argument("--out", required=True, type=Path, help="folder that receives one folder per set")
+    tiny.add_argument("--sets", nargs="+", default=["digits", "synthetic"],
+                      help="which sets to write (default: digits synthetic; ade20k and coco, in their datasets' "
+                           "layouts, for the dense evaluations)")
 
     launch = sub.add_parser("launch", help="submit every stage of a matrix that has no finished record",
                             description="Submit every stage (pre-training, then its evaluations) that has no "

@@ -303,6 +303,35 @@ def _check_eval_data(matrix: Matrix) -> None:
             seen.add(key)
             evaluation.check_data(s.data_root, make_eval_config(evaluation.config_cls, s.eval_config,
                                                                 f"eval_overrides.{s.stage}"))
+        backbone_key = json.dumps([s.stage, s.method, s.preset, s.overrides, s.eval_config], sort_keys=True,
+                                  default=str)
+        if evaluation.check_backbone is not None and not s.import_from and backbone_key not in seen:
+            seen.add(backbone_key)
+            exported = _meta_export(s)
+            if exported is not None:
+                cfg = make_eval_config(evaluation.config_cls, s.eval_config, f"eval_overrides.{s.stage}")
+                try:
+                    evaluation.check_backbone(exported, cfg)
+                except UserError as e:
+                    raise UserError(f"eval_overrides.{s.stage}.{e.field}", f"{s.method}/{s.preset}: {e.problem}",
+                                    e.fix) from None
+
+
+def _meta_export(stage: StageSpec) -> Any:
+    """The backbone description a cell's method will export, from the method built on the meta device (no
+    weights); None when the method cannot be built there (its job checks the backbone at start instead)."""
+    import torch
+
+    from harness.api import METHODS
+
+    method_cls = METHODS.get(stage.method)
+    train, cfg, _ = resolve(method_cls, stage.preset, stage.overrides)
+    try:
+        with torch.device("meta"):
+            return method_cls(cfg, train).export_backbone()
+    except Exception as e:  # noqa: BLE001 - checked at job start
+        log.debug("meta-device export of %s/%s skipped: %s", stage.method, stage.preset, e)
+        return None
 
 
 def _launch_local(todo: list[StageSpec], folder: Path, cli_res: dict, ledger: Ledger, result: LaunchResult,

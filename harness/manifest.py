@@ -30,7 +30,7 @@ MANIFEST_VERSION = 1
 # Fields of a stage that reports and status need; everything else stays in the spec.
 STAGE_FIELDS = ("cell_id", "stage_id", "stage", "method", "preset", "backbone", "epochs", "seed", "protocol",
                 "headline_metric", "paper_recipe", "recipe_deviations", "data_root", "stage_dir", "pretrain_dir",
-                "floor_of")
+                "floor_of", "report_metrics")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class StageSpec:
     eval_config: dict[str, Any] = field(default_factory=dict)
     protocol: str = PRETRAIN  # evaluation stages: the protocol tag their metrics carry
     headline_metric: str = "loss"
+    report_metrics: tuple[str, ...] = ()  # metrics the report shows beside the headline (COCO: box and mask AP)
     backbone: str = ""
     epochs: int = 0
     paper_recipe: str | None = None
@@ -336,6 +337,7 @@ def _cell(method_cls, preset_name, seed, overrides, flat, method_cfg, data, eval
         stages.append(StageSpec(stage=str(ev), stage_id=stage_id, data_root=eval_root,
                                 stage_dir=str(cell_dir / f"{ev}-{stage_id}"), eval_config=eval_cfg,
                                 protocol=cfg_obj.protocol(), headline_metric=cfg_obj.headline,
+                                report_metrics=tuple(getattr(cfg_obj, "report_metrics", ())),
                                 resources=res_eval.get(evaluation.resources, res_eval["eval"]),
                                 identity={"cell": cell_ident, "stage": stage_ident},
                                 eval_overrides=dict(raw), **{**common, "recipe_deviations": eval_devs}))

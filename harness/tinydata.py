@@ -2,8 +2,11 @@
 
 - ``digits``: scikit-learn's 1797 real 8x8 handwritten digits (shipped inside the package), upscaled.
 - ``synthetic``: 10 classes of procedural gratings (orientation/frequency), from a seeded numpy generator.
+- ``ade20k`` and ``coco``: shapes on textured backgrounds in the ADE20K and COCO layouts (harness/tinydense.py),
+  for the dense evaluations; not made unless asked for.
 
-Layout: ``OUT/<set>/{train,val}/<class>/<idx>.png`` plus ``OUT/<set>/.complete`` (counts and settings).
+Layout: ``OUT/<set>/{train,val}/<class>/<idx>.png`` (the dense sets: their datasets' own layouts) plus
+``OUT/<set>/.complete`` (counts and settings).
 A set is built in a hidden temp folder beside its final place and renamed there when complete, so
 a reader never sees half a data set, and a second call finds the marker and rewrites nothing.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harness import tinydense
 from harness.errors import UserError
 
 MARKER = ".complete"
@@ -34,9 +38,9 @@ def make_tiny(
 ) -> dict[str, Path]:
     """Write the requested sets under ``out`` (skipping complete ones) and return ``{set: path}``."""
     out = Path(out)
-    unknown = [s for s in sets if s not in _BUILDERS]
+    unknown = [s for s in sets if s not in _WRITERS]
     if unknown:
-        raise UserError("data.sets", f"unknown tiny data set(s) {unknown}", f"choose from {list(_BUILDERS)}")
+        raise UserError("data.sets", f"unknown tiny data set(s) {unknown}", f"choose from {list(_WRITERS)}")
     if size < 8:
         raise UserError("data.size", f"image size must be at least 8, got {size}", "use e.g. --size 32")
     out.mkdir(parents=True, exist_ok=True)
@@ -53,13 +57,7 @@ def _make_set(out: Path, name: str, size: int, seed: int) -> Path:
     tmp = out / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:
-        counts: dict[str, dict[str, int]] = {}
-        for split, cls, idx, image in _BUILDERS[name](size, seed):
-            folder = tmp / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            image.save(folder / f"{idx}.png")
-            counts.setdefault(split, {}).setdefault(cls, 0)
-            counts[split][cls] += 1
+        counts = _WRITERS[name](tmp, size, seed)
         # Last file written; the rename below publishes it together with the images it counts.
         (tmp / MARKER).write_text(json.dumps({**settings, "counts": counts}, indent=2, sort_keys=True) + "\n")
         try:
@@ -91,6 +89,20 @@ def _check_complete(final: Path, settings: dict) -> None:
 
 
 Sample = tuple[str, str, int, Image.Image]  # (split, class name, index, image)
+Writer = Callable[[Path, int, int], dict[str, dict[str, int]]]  # (folder, size, seed) -> {split: {class: n}}
+
+
+def _image_folder(builder: Callable[[int, int], Iterable[Sample]]) -> Writer:
+    def write(folder: Path, size: int, seed: int) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for split, cls, idx, image in builder(size, seed):
+            (folder / split / cls).mkdir(parents=True, exist_ok=True)
+            image.save(folder / split / cls / f"{idx}.png")
+            counts.setdefault(split, {}).setdefault(cls, 0)
+            counts[split][cls] += 1
+        return counts
+
+    return write
 
 
 def _digits(size: int, seed: int) -> Iterable[Sample]:
@@ -136,4 +148,5 @@ def _hue_to_rgb(h: float) -> np.ndarray:
     return np.cos(2 * np.pi * (h - np.array([0.0, 1 / 3, 2 / 3])))
 
 
-_BUILDERS: dict[str, Callable[[int, int], Iterable[Sample]]] = {"digits": _digits, "synthetic": _synthetic}
+_WRITERS: dict[str, Writer] = {"digits": _image_folder(_digits), "synthetic": _image_folder(_synthetic),
+                               "ade20k": tinydense.write_ade20k, "coco": tinydense.write_coco}

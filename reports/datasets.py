@@ -35,21 +35,26 @@ def identify(fp: dict[str, Any] | None, datasets: dict[str, dict[str, Any]]) -> 
 
 
 def _same(seen: dict[str, Any], known: dict[str, Any]) -> bool:
-    keys = [k for k in ("classes", "images", "files_sha256") if k in known]
+    keys = [k for k in ("layout", "classes", "images", "files_sha256") if k in known]
     return all(seen.get(k) == known[k] for k in keys)
 
 
 def describe(fp: dict[str, Any] | None) -> str:
-    """"10 classes, 1,437 train images" (or "not recorded")."""
+    """"10 classes, 1,437 train images" (or "not recorded"); a dense layout's: "coco layout, 48 train images"."""
     train = ((fp or {}).get("splits") or {}).get("train")
     if not train:
         return "not recorded"
-    return f"{train['classes']} classes, {train['images']:,} train images"
+    return _counts(train)
 
 
 def describe_known(name: str, datasets: dict[str, dict[str, Any]]) -> str:
     desc = datasets.get(name)
     if desc is None:
         return f"{name} (not described in reports/data/datasets.json)"
-    train = desc["splits"]["train"]
-    return f"{desc.get('title', name)}, {train['classes']} classes, {train['images']:,} train images"
+    return f"{desc.get('title', name)}, {_counts(desc['splits']['train'])}"
+
+
+def _counts(split: dict[str, Any]) -> str:
+    # ImageFolder splits count classes; the dense layouts' class lists live in their annotations instead.
+    kind = f"{split['classes']} classes" if "classes" in split else f"{split.get('layout', '?')} layout"
+    return f"{kind}, {split['images']:,} train images"

@@ -74,13 +74,17 @@ def comparison_table(expected: pd.DataFrame | list[dict[str, Any]], records: pd.
         line: dict[str, Any] = {"key": f"R{i}", **dict(zip(GROUP, key, strict=True))}
         data_devs: list[str] = []
         is_floor = _is_floor(group)
-        for (evaluation, protocol), label in protocols.items():
+        for (evaluation, protocol, metric), label in protocols.items():
             cells = [r for r in group if r["evaluation"] == evaluation and r["protocol"] == protocol]
+            if metric is not None:
+                cells = [_for_metric(c, metric) for c in cells]
             ctx = _Join(key, evaluation, protocol, {} if is_floor else papers, datasets, notes, tolerance, confidence)
             line.update(_protocol_columns(label, cells, group, ctx, data_devs))
             if with_floor:
                 floor_cells = [r for r in floors.get(key, []) if r["evaluation"] == evaluation
                                and r["protocol"] == protocol]
+                if metric is not None:
+                    floor_cells = [_for_metric(c, metric) for c in floor_cells]
                 line[f"{label} margin"] = "" if is_floor else _margin(cells, floor_cells)
         line.update(_cost_columns(group, data_devs))
         if with_health:
@@ -203,12 +207,30 @@ def _health(group: list[dict[str, Any]]) -> str:
                                      f"{c.get('epoch')}" for seed, c in bad)
 
 
-def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(evaluation, protocol) -> column label, in order of first appearance; the tag is the label."""
-    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in rows if r["stage"] not in BUILD_STAGES))
+def _protocols(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str | None], str]:
+    """(evaluation, protocol, metric) -> column label, in order of first appearance; the tag is the label.
+    ``metric`` is None for the headline; an evaluation's other ``report_metrics`` (COCO's mask AP beside the
+    box AP) follow it as "<tag> <metric>"."""
+    evals = [r for r in rows if r["stage"] not in BUILD_STAGES]
+    pairs = list(dict.fromkeys((r["evaluation"], r["protocol"]) for r in evals))
     tags = [p for _, p in pairs]
-    # Two evaluations sharing a tag would share columns: prefix the evaluation name only then.
-    return {(e, p): (p if p and tags.count(p) == 1 else f"{e} {p}") for e, p in pairs}
+    out: dict[tuple[str, str, str | None], str] = {}
+    for e, p in pairs:
+        # Two evaluations sharing a tag would share columns: prefix the evaluation name only then.
+        label = p if p and tags.count(p) == 1 else f"{e} {p}"
+        out[(e, p, None)] = label
+        mine = [r for r in evals if (r["evaluation"], r["protocol"]) == (e, p)]
+        extra = dict.fromkeys(m for r in mine for m in (r.get("report_metrics") or ()) if m != r["headline_metric"])
+        out.update({(e, p, m): f"{label} {m}" for m in extra})
+    return out
+
+
+def _for_metric(row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """An expected row read for another of its record's metrics than the headline."""
+    rec = row["record"]
+    value = _num(rec.get(f"metric.{metric}")) if rec is not None and rec.get("status") == "done" else None
+    state = "no metric" if row["state"] == "done" and value is None else row["state"]
+    return {**row, "headline_metric": metric, "value": value, "state": state}
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import submitit
+import yaml
 
 from harness.launch import job_state, launch
 from harness.matrix import expand
-from harness.records import read_record
+from harness.records import read_attempts, read_record
 from harness.snapshot import code_state, project_root
 from harness.stages import run_stage
 from harness.status import status_rows
@@ -260,3 +261,33 @@ def test_a_cancelled_pretraining_blocks_its_evaluation_and_relaunch_replaces_bot
     new_knn = slurm_job(matrix, knn.key)
     assert new_knn.job_id != knn_job.job_id
     assert _pending_reason(new_knn.job_id) in {"Dependency", "None", "Resources", "Priority"}
+
+
+def test_dense_job_preempted_on_the_cluster_resumes_from_mmengines_checkpoint(slurm_cluster, tmp_path, tiny_data,
+                                                                             tiny_dense):
+    # checkpoint_interval past the run: the only checkpoint to resume from is the one the preemption writes.
+    ade = {"recipe": "tiny", "iters": 12, "checkpoint_interval": 100, "log_interval": 2}
+    path = write_spec(tmp_path / "d.yaml", tiny_data / "digits", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": QUICK,
+                        "evaluations": ["ade20k"], "eval_overrides": {"ade20k": ade}}],
+                      resources={"pretrain": {**CPU1, "cpus_per_task": 2}, "ade20k": {**CPU1, "cpus_per_task": 2}})
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["ade20k"] = str(tiny_dense["ade20k"])
+    path.write_text(yaml.safe_dump(spec))
+    matrix = expand(path)
+    stage = matrix.cells[0].evaluations[0]
+    launch(matrix, "slurm")
+    job = slurm_job(matrix, stage.key)
+    progress = Path(stage.stage_dir) / "progress.json"
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 4, 600, "4 UperNet iterations")
+    job._interrupt()  # preemption: USR2 between two iterations -> mmengine checkpoint -> requeue
+    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
+    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, 600, "resume")
+    resumed_at = rec["resumed_from_step"]
+    assert resumed_at is not None and 4 <= resumed_at < 12, resumed_at
+    assert rec["metrics_extra"]["iters"] == 12 and rec["metrics"]["mIoU"] >= 0
+    work = Path(stage.stage_dir) / "mmengine"
+    assert (work / f"iter_{resumed_at}.pth").is_file()  # written at the preemption, read by the requeued job
+    assert [a["status"] for a in read_attempts(stage.stage_dir)][:1] == ["preempted"]
+    logs = sorted(work.glob("*/*.log"))
+    assert len(logs) == 2 and f"Advance dataloader {resumed_at} steps" in logs[-1].read_text()
