@@ -173,7 +173,11 @@ _COLOR = (True, f"{_README}: --aug-spatialconsistent-color")
 
 def _tiny(**variant: tuple[Any, str]) -> Any:
     return preset(
-        "CPU test recipe on 32x32 images: a 4-block CaiT-style ViT, small heads, few epochs",
+        "CPU test recipe on 32x32 images: a 4-block CaiT-style ViT, small heads, few epochs. It does NOT learn "
+        "the digits yet (k-NN top-1, k=20, teacher CLS, seed 0, 10 epochs): 73.3 trained vs 79.2 at "
+        "initialisation, the loss at 0.004 and the effective rank of the features falling from 8.6 to 2.5 "
+        "(dimensional collapse: the masked views match a near-constant momentum target); momentum 0.996 "
+        "gives 76.9, with layer scale 1.0 too 75.6",
         paper_recipe="vit_base",
         **{**_COMMON, **_M80, "color_aug": _COLOR,
            "vit": ("pico", "ssl-repro CPU test size"),

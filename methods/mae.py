@@ -129,7 +129,12 @@ class MAE(Method):
             **_COMMON,
         ),
         "tiny": preset(
-            "CPU test recipe on 32x32 images: a 4-block ViT, few epochs, larger lr to learn in minutes",
+            "CPU test recipe on 32x32 images: a 4-block ViT, few epochs, larger lr. It does NOT reliably learn "
+            "the digits (k-NN top-1, k=20, CLS, vs the same backbone at initialisation): these values give "
+            "74.7 vs 76.4 (seed 0). 20 epochs (440 steps, ~35 s on one core) at blr 6e-3 give +10.8 on seed 0 "
+            "(87.2 vs 76.4) but -0.6 on seed 1 and -4.5 on seed 2 (mean-pooled: +16.1, +9.5, 0.0); at "
+            "blr 1.5e-3 80.0, at 1.5e-2 75.3 (seed 0). Patch 8 (69.4 vs 69.4), pixel targets without "
+            "per-patch norm (85.8), batch 32 (87.5) and mask 0.5 (88.3) changed little (seed 0, 20 epochs)",
             paper_recipe="vit_base",
             vit=("pico", "ssl-repro CPU test size"),
             img_size=(32, "tiny data sets are 32x32"),

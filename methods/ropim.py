@@ -189,7 +189,9 @@ class ROPIM(Method):
         "vit_tiny_in100": preset("ROPIM ViT-T/16 on ImageNet-100, 800 epochs (give ImageNet-100 as the pretrain data)",
                                  **_recipe(_CFG_T, "tiny", "EMBED_DIM 192, DEPTH 12, NUM_HEADS 3", 800, 1e-3)),
         "tiny": preset(
-            "CPU test recipe on 32x32 images: a 4-block BEiT ViT, 8x8 tokens in 8 buckets, few epochs",
+            "CPU test recipe on 32x32 images: a 4-block BEiT ViT, 8x8 tokens in 8 buckets, few epochs. It does "
+            "NOT learn the digits yet: 19.3 k-NN top-1 (k=20, mean-pooled) vs 21.3 at initialisation (issue 10); "
+            "20 epochs at blr 2e-2 (lr 2.5e-3, 440 steps) give 54.7 vs 50.8 (seed 0, this code)",
             paper_recipe="vit_base",
             **{**_recipe(_CFG_B, "base", "", 300, 1.5e-4, batch=64),
                "vit": ("pico", "ssl-repro CPU test size"),

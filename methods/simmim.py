@@ -136,7 +136,9 @@ class SimMIM(Method):
             **_COMMON,
         ),
         "tiny": preset(
-            "CPU test recipe on 32x32 images: a 4-block BEiT ViT, 8-px mask patches, few epochs",
+            "CPU test recipe on 32x32 images: a 4-block BEiT ViT, 8-px mask patches, few epochs. It does NOT "
+            "learn the digits yet: 20 epochs at blr 2e-2 (lr 2.5e-3) give 49.7 k-NN top-1 (k=20, mean-pooled) "
+            "vs 50.8 at initialisation (seed 0); the features' effective rank stays near 3 from the start",
             paper_recipe="vit_base",
             vit=("pico", "ssl-repro CPU test size"),
             img_size=(32, "tiny data sets are 32x32"),
