@@ -86,3 +86,16 @@ def measure_learning(tmp_path: Path, method: str, preset: str = "tiny", data: st
     return Learning(method=method, preset=preset, trained=first[0], floor=first[1], per_eval=per_eval,
                     health=dict(pre.get("health") or {}), collapse=pre.get("collapse"),
                     pretrain_wall_s=float(pre["wall_time_s"]), records=records)
+
+
+MIN_MARGIN = 10.0  # k-NN top-1 points over the random-init floor (issue 10)
+
+
+def learning_problems(result: Learning, min_margin: float = MIN_MARGIN) -> list[str]:
+    """Why ``result`` does not show learning (empty: it does)."""
+    problems = []
+    if result.margin < min_margin:
+        problems.append(f"margin {result.margin:+.1f} < {min_margin:g}")
+    if result.collapsed:
+        problems.append(f"collapsed: {result.collapse}")
+    return problems

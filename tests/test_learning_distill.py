@@ -7,19 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.learning import Learning, measure_learning
-
-MIN_MARGIN = 10.0  # k-NN top-1 points over the random-init floor (issue 10)
-
-
-def learning_problems(result: Learning, min_margin: float = MIN_MARGIN) -> list[str]:
-    """Why ``result`` does not show learning (empty: it does)."""
-    problems = []
-    if result.margin < min_margin:
-        problems.append(f"margin {result.margin:+.1f} < {min_margin:g}")
-    if result.collapsed:
-        problems.append(f"collapsed: {result.collapse}")
-    return problems
+from tests.learning import learning_problems, measure_learning
 
 
 @pytest.mark.slow
