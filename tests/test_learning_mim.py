@@ -3,10 +3,9 @@ the real pipeline and compare the k-NN top-1 (default settings, headline k = 20)
 same backbone at initialisation (the random-init floor, same seed): the margin must reach 10 points, and
 the representation health at the end of the pre-training must not call a collapse.
 
-Today it does not: 74.7 trained vs 76.4 at initialisation (seed 0), and no setting measured so far
-learns on every seed (see the preset's description). The test is a strict xfail: it documents the gap
-and fails, asking for the marker to go, as soon as a preset change makes it pass. SimMIM, ROPIM and
-ExtreMA get their tests with the recipes that make them learn (their descriptions say what was measured)."""
+The preset learns on every seed measured (+13.1, +19.7, +10.3 on seeds 0-2; see its description); the
+test runs seed 0, 880 steps. SimMIM, ROPIM and ExtreMA get their tests with the recipes that make them
+learn (their descriptions say what was measured)."""
 
 from __future__ import annotations
 
@@ -27,9 +26,6 @@ def one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 10: MAE tiny does not beat its random-init floor on the digits "
-                   "(74.7 vs 76.4, seed 0)")
 def test_mae_tiny_beats_its_random_init_floor_on_digits(tmp_path, tiny_data, one_thread):
     result = measure_learning(tmp_path, "mae", data="digits", tiny_root=tiny_data)
     assert not learning_problems(result, MIN_MARGIN), result.describe()

@@ -187,9 +187,8 @@ def test_a_queued_job_runs_the_launched_code_or_stops_on_the_identity_check(slur
     for repo, _, job, _ in launched.values():
         mae = repo / "methods" / "mae.py"
         text = mae.read_text()
-        assert 'batch_size=(64, "ssl-repro CPU test batch")' in text
-        mae.write_text(text.replace('batch_size=(64, "ssl-repro CPU test batch")',
-                                    'batch_size=(32, "ssl-repro CPU test batch")'))
+        assert 'batch_size=(32, "twice the steps' in text
+        mae.write_text(text.replace('batch_size=(32, "twice the steps', 'batch_size=(64, "twice the steps'))
         subprocess.run(["scontrol", "release", job.job_id.split("_")[0]], check=True)
 
     def finished(stage):
@@ -198,14 +197,14 @@ def test_a_queued_job_runs_the_launched_code_or_stops_on_the_identity_check(slur
 
     rec = wait_until(lambda: finished(launched["snap"][1]), 300, "the snapshot job")
     assert rec["status"] == "done", rec.get("error")
-    assert rec["checkpoint"]["step"] == 9  # 600 images / the launched batch of 64 (the edit says 32: 18 steps)
+    assert rec["checkpoint"]["step"] == 18  # 600 images / the launched batch of 32 (the edit says 64: 9 steps)
     assert rec["code"]["hash"] == code_hash != code_state(launched["snap"][0], plugins=False).short
     assert rec["code"]["snapshot"] == str(tmp_path / "runs-snap" / "code" / code_hash)
     assert rec["code"]["dirty"] is False and rec["git_commit"] == rec["code"]["commit"]
 
     rec = wait_until(lambda: finished(launched["live"][1]), 300, "the job without a snapshot")
     assert rec["status"] == "failed" and "\n" not in rec["error"]
-    assert rec["error"].startswith("UserError: identity: ") and "batch_size 64→32" in rec["error"]
+    assert rec["error"].startswith("UserError: identity: ") and "batch_size 32→64" in rec["error"]
     assert not (Path(launched["live"][1].stage_dir) / "ckpt").exists()  # stopped before any compute
 
 
