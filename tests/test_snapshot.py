@@ -93,7 +93,7 @@ def test_identity_check_names_the_settings_a_code_change_altered(tmp_path, monke
     edited = dataclasses.replace(tiny, values={**tiny.values, "blr": Cited(3e-3, "edited after launch")})
     monkeypatch.setitem(METHODS.get("mae").presets, "tiny", edited)
     for stage in (pre, knn):  # an evaluation's id follows from its cell's
-        with pytest.raises(UserError, match=r"^identity: .* launched with other settings .*: blr 0\.0015→0\.003;"):
+        with pytest.raises(UserError, match=r"^identity: .* launched with other settings .*: blr 0\.006→0\.003;"):
             verify_identity(stage)
     monkeypatch.setitem(METHODS.get("mae").presets, "tiny", tiny)
     monkeypatch.setattr(matrix_mod, "CODE_VERSION", matrix_mod.CODE_VERSION + 1)
