@@ -212,17 +212,13 @@ def check_backbone(exported: Any, crop: int | tuple[int, int]) -> None:
     export description (no weights): an unsupported architecture or an unreachable crop is a one-line error."""
     import torch
 
-    from evaluations.dense.adapters import SwinPyramid, ViTPyramid, _is_swin
+    from evaluations.dense.adapters import pyramid
     from harness.export import build_timm, registering_module
 
     kwargs = dict(exported.timm_kwargs)
     with torch.device("meta"):
         encoder = build_timm(exported.timm_name, kwargs, registering_module(exported.timm_name))
-        size = (crop, crop) if isinstance(crop, int) else tuple(crop)
-        if _is_swin(encoder):
-            SwinPyramid(encoder, size, kwargs.get("window_size", 7), None)
-        else:
-            ViTPyramid(encoder, size, None, True, (4, 8, 16, 32), "BN")
+        pyramid(encoder, kwargs, (crop, crop) if isinstance(crop, int) else tuple(crop), norm="BN")
 
 
 def coerce_settings(cfg: Any, where: str) -> None:

@@ -224,11 +224,17 @@ def build_backbone(export_dir: str, img_size: int | list[int] | tuple[int, int] 
     elif entry == "timm.models.swin_transformer":
         overrides["strict_img_size"] = False
     encoder, _, _ = load_export(export_dir, **overrides)
+    return pyramid(encoder, meta["timm_kwargs"], crop, out_indices, out_with_norm, strides, norm)
+
+
+def pyramid(encoder: nn.Module, timm_kwargs: dict[str, Any], crop: tuple[int, int] | None,
+            out_indices: list[int] | tuple[int, ...] | None = None, out_with_norm: bool = True,
+            strides: list[int] | tuple[int, ...] = TARGET_STRIDES, norm: str = "SyncBN") -> nn.Module:
+    """The pyramid over a built encoder (also on the meta device, where building it checks the crop)."""
+    indices = tuple(out_indices) if out_indices is not None else None
     if _is_swin(encoder):
-        window = meta["timm_kwargs"].get("window_size", 7)
-        return SwinPyramid(encoder, crop, window, tuple(out_indices) if out_indices is not None else None)
-    return ViTPyramid(encoder, crop, tuple(out_indices) if out_indices is not None else None, out_with_norm,
-                      tuple(strides), norm)
+        return SwinPyramid(encoder, crop, timm_kwargs.get("window_size", 7), indices)
+    return ViTPyramid(encoder, crop, indices, out_with_norm, tuple(strides), norm)
 
 
 @dataclass(frozen=True)
