@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def _measure(root: Path, method: str, data: str, tiny_root: Path) -> Learning | 
     try:
         (root / method).mkdir()
         return measure_learning(root / method, method, data=data, tiny_root=tiny_root)
-    except Exception as err:  # reported by the method's own test, not by every test of the module
-        return err
+    except Exception:  # reported by the method's own test, not by every test of the module
+        # As text: a harness exception with its own __init__ need not survive the trip back through pickle.
+        return RuntimeError(traceback.format_exc())
 
 
 @pytest.fixture(scope="module")
