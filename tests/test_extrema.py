@@ -113,7 +113,7 @@ def test_loss_reads_the_masked_online_view_against_the_unmasked_momentum_view():
 
 def test_config_errors_are_one_line():
     with pytest.raises(UserError) as err:
-        resolve(ExtreMA, "tiny", {"num_masks": 6})  # 6 x 12 > 64 tokens
+        resolve(ExtreMA, "tiny", {"num_masks": 6})  # 6 x 32 > 64 tokens
     assert "\n" not in str(err.value) and "overrides.num_masks" in str(err.value)
     with pytest.raises(UserError, match="overrides.mask_ratio"):
         resolve(ExtreMA, "tiny", {"mask_ratio": 0.99})
