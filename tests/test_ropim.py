@@ -92,9 +92,9 @@ def test_decoder_and_loss_match_official():
 
 def test_token_count_that_does_not_fill_the_buckets_is_a_one_line_error():
     with pytest.raises(UserError) as err:
-        resolve(ROPIM, "tiny", {"rho": 0.14})  # 64 tokens -> 9 buckets
+        resolve(ROPIM, "tiny", {"rho": 0.14})  # 16 tokens -> 3 buckets
     msg = str(err.value)
-    assert "\n" not in msg and "overrides.rho" in msg and "9 equal buckets" in msg
+    assert "\n" not in msg and "overrides.rho" in msg and "3 equal buckets" in msg
     with pytest.raises(UserError, match="overrides.rho"):
         resolve(ROPIM, "vit_base", {"img_size": 160})  # 100 tokens, 0.14 -> 15 buckets
     assert check_sketch(196, 0.14) == check_sketch(196, 1 / 7) == 28
@@ -127,7 +127,7 @@ def test_import_official_is_strict_and_round_trips():
 
 def test_tiny_ropim_pretrains_exports_a_timm_beit_and_knn_runs(tmp_path, tiny_data):
     run = pretrain_then_knn(tmp_path, tiny_data / "synthetic", "ropim", E2E)
-    assert run["pretrain"]["status"] == "done" and run["cell"].pretrain.backbone == "ViT-pico/4@32"
+    assert run["pretrain"]["status"] == "done" and run["cell"].pretrain.backbone == "ViT-pico/8@32"
     assert run["meta"]["timm_name"].startswith("beit") and "timm_module" not in run["meta"]
     assert run["pretrain"]["checkpoint"]["step"] == 6 and np.isfinite(run["losses"]).all()
     assert run["knn"]["status"] == "done" and run["knn"]["metrics"]["top1"] > 10.0  # chance: 10%

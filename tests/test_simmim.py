@@ -88,6 +88,6 @@ def test_import_official_is_strict_and_round_trips():
 
 def test_tiny_simmim_pretrains_exports_and_knn_runs(tmp_path, tiny_data):
     run = pretrain_then_knn(tmp_path, tiny_data / "synthetic", "simmim", E2E)
-    assert run["pretrain"]["status"] == "done" and run["meta"]["label"] == "ViT-pico/4@32"
+    assert run["pretrain"]["status"] == "done" and run["meta"]["label"] == "ViT-pico/8@32"
     assert run["pretrain"]["checkpoint"]["step"] == 6 and np.isfinite(run["losses"]).all()
     assert run["knn"]["status"] == "done" and run["knn"]["metrics"]["top1"] > 10.0
