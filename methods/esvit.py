@@ -214,6 +214,8 @@ _COMMON = dict(
     local_crops_number=(8, f"{_CODE} --local_crops_number default 8"),
     global_crops_scale=((0.4, 1.0), f"{_CODE} --global_crops_scale default (0.4, 1.)"),
     local_crops_scale=((0.05, 0.4), f"{_CODE} --local_crops_scale default (0.05, 0.4)"),
+    color_jitter_prob=(0.8, "microsoft/esvit datasets/build.py DataAugmentationDINO: ColorJitter p=0.8"),
+    solarize_prob=(0.2, "microsoft/esvit datasets/build.py DataAugmentationDINO: Solarization(0.2), global crop 2"),
     use_dense_prediction=(True, f"{_CMD}: --use_dense_prediction True"),
     out_dim=(65536, f"{_CODE} --out_dim default 65536"),
     head_hidden_dim=(2048, "microsoft/esvit models/vision_transformer.py DINOHead hidden_dim=2048"),

@@ -287,6 +287,8 @@ _COMMON = dict(
     pred_aspect_ratio=((0.3, 1 / 0.3), f"{_R} main_ibot.py ImageFolderMask(pred_aspect_ratio=(0.3, 1/0.3))"),
     pred_start_epoch=(0, f"{_ARGS} --pred_start_epoch 0 (50 only for Swin)"),
     local_size=(96, f"{_R} main_ibot.py DataAugmentationiBOT RandomResizedCrop(96)"),
+    color_jitter_prob=(0.8, f"{_R} main_ibot.py DataAugmentationiBOT: RandomApply(ColorJitter(...), p=0.8)"),
+    solarize_prob=(0.2, f"{_R} main_ibot.py DataAugmentationiBOT: utils.Solarization(0.2), global crop 2"),
     freeze_last_layer=(1, f"{_ARGS} --freeze_last_layer 1"),
 )
 
