@@ -49,29 +49,35 @@ class RandomSolarize:
 class MultiCropAugmentation:
     """DINO ``DataAugmentationDINO``: 2 global crops (blur p=1.0; blur p=0.1 + solarize p=0.2) and
     ``n_local`` local crops (blur p=0.5), each with flip + colour jitter (p=0.8) + grayscale (p=0.2).
-    Returns the list [global1, global2, local1, ...]; the default collate batches each crop."""
+    Returns the list [global1, global2, local1, ...]; the default collate batches each crop.
+    ``color_jitter_prob`` and ``solarize_prob`` default to DINO's; a test recipe on greyscale data may
+    lower them (on digits they decorrelate the two views more than anything else, see DINO's tiny preset)."""
 
     def __init__(self, global_size: int, local_size: int, n_local: int,
-                 global_scale: tuple[float, float], local_scale: tuple[float, float]) -> None:
+                 global_scale: tuple[float, float], local_scale: tuple[float, float],
+                 color_jitter_prob: float = 0.8, solarize_prob: float = 0.2) -> None:
         flip_color = T.Compose([
             T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                          p=color_jitter_prob),
             T.RandomGrayscale(p=0.2),
         ])
         bicubic = T.InterpolationMode.BICUBIC
         self.global1 = T.Compose([T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
                                   flip_color, RandomGaussianBlur(1.0), normalize()])
         self.global2 = T.Compose([T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
-                                  flip_color, RandomGaussianBlur(0.1), RandomSolarize(0.2), normalize()])
+                                  flip_color, RandomGaussianBlur(0.1), RandomSolarize(solarize_prob),
+                                  normalize()])
         self.local = T.Compose([T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic),
                                 flip_color, RandomGaussianBlur(0.5), normalize()])
         self.n_local = n_local
 
     @classmethod
     def from_config(cls, cfg) -> MultiCropAugmentation:
-        """From a config with DINO's crop fields (img_size, local_size, local_crops_number, scales)."""
+        """From a config with DINO's crop fields (img_size, local_size, local_crops_number, scales,
+        colour-jitter and solarize probabilities)."""
         return cls(cfg.img_size, cfg.local_size, cfg.local_crops_number, cfg.global_crops_scale,
-                   cfg.local_crops_scale)
+                   cfg.local_crops_scale, cfg.color_jitter_prob, cfg.solarize_prob)
 
     def __call__(self, img: Image.Image) -> list:
         return [self.global1(img), self.global2(img), *(self.local(img) for _ in range(self.n_local))]

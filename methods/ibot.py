@@ -287,6 +287,8 @@ _COMMON = dict(
     pred_aspect_ratio=((0.3, 1 / 0.3), f"{_R} main_ibot.py ImageFolderMask(pred_aspect_ratio=(0.3, 1/0.3))"),
     pred_start_epoch=(0, f"{_ARGS} --pred_start_epoch 0 (50 only for Swin)"),
     local_size=(96, f"{_R} main_ibot.py DataAugmentationiBOT RandomResizedCrop(96)"),
+    color_jitter_prob=(0.8, f"{_R} main_ibot.py DataAugmentationiBOT: RandomApply(ColorJitter(...), p=0.8)"),
+    solarize_prob=(0.2, f"{_R} main_ibot.py DataAugmentationiBOT: utils.Solarization(0.2), global crop 2"),
     freeze_last_layer=(1, f"{_ARGS} --freeze_last_layer 1"),
 )
 
@@ -339,7 +341,11 @@ class IBOT(MomentumTeacherMethod):
             "DINO tiny description says why DINO's augmentations make the targets uniform on digits. Without "
             "jitter and solarize (teacher and patch temperatures 0.03, center momenta 0, EMA 0.95, blr 1e-3, crops "
             "(0.6, 1), no local crops, 5 epochs) the targets stay sharp but the features collapse to rank 3.2 and "
-            "k-NN falls (35 vs 45 at init)",
+            "k-NN falls (35 vs 45 at init). With the color_jitter_prob/solarize_prob fields at 0, patch 8, all "
+            "teacher temperatures 0.04, center momenta 0.9, EMA 0.99, crops (0.5, 1), out dims 128, batch 32, blr "
+            "2e-3 (440 steps, measured) the [CLS] targets go uniform by epoch 2 (entropy ratio 0.99) and k-NN ends "
+            "at 47.2 vs 54.2 at init; the features' first principal component, the digit's ink amount "
+            "(correlation 0.97), grows from 73 % to 82 % of their variance (DINO's tiny description)",
             paper_recipe="vit_small",
             **dict(
                 _SMALL,

@@ -27,6 +27,8 @@ class MultiCropDistillationConfig:
     local_crops_number: int = 8
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    color_jitter_prob: float = 0.8  # DataAugmentationDINO: RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8)
+    solarize_prob: float = 0.2  # DataAugmentationDINO: utils.Solarization(0.2) on the second global crop
     drop_path_rate: float = 0.1  # student only
     out_dim: int = 65536
     head_hidden_dim: int = 2048
@@ -55,6 +57,10 @@ def check_multicrop_distillation(cfg, method: str) -> None:
         if not getattr(cfg, name) > 0:
             raise UserError(f"overrides.{name}", f"must be positive, got {getattr(cfg, name)}",
                             f"{method} uses 0.04-0.07 for the teacher and 0.1 for the student")
+    for name in ("color_jitter_prob", "solarize_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UserError(f"overrides.{name}", f"must be a probability in [0, 1], got {getattr(cfg, name)}",
+                            f"{method} uses 0.8 (colour jitter) and 0.2 (solarize)")
     if not 0.0 <= cfg.center_momentum < 1.0:
         raise UserError("overrides.center_momentum", f"must be in [0, 1), got {cfg.center_momentum}",
                         f"{method} uses 0.9")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from harness import checkpoint as ckpt
@@ -22,6 +24,7 @@ from harness.records import read_record
 from harness.schedules import cosine_schedule
 from harness.stages import run_stage
 from harness.train import clip_gradients
+from methods.augment import MultiCropAugmentation
 from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
 from methods.dino import DINO, DINOLoss, vit_cls_token
 from methods.heads import DINOHead
@@ -246,6 +249,24 @@ def test_presets_match_the_papers_backbones_and_cite_sources():
     assert (s.epochs, s.batch_size, s.lr, b.epochs, b.lr) == (800, 1024, 2e-3, 400, 3e-3)
     with pytest.raises(UserError, match="warmup_teacher_temp_epochs"):
         tiny_dino(warmup_teacher_temp_epochs=11)
+
+
+def test_colour_jitter_and_solarize_probabilities_default_to_dino_and_switch_the_transforms():
+    _, cfg, _ = resolve(DINO, "vit_small", {})
+    assert (cfg.color_jitter_prob, cfg.solarize_prob) == (0.8, 0.2)  # DataAugmentationDINO
+    white, grey = Image.new("RGB", (32, 32), (255, 255, 255)), Image.new("RGB", (32, 32), (128, 128, 128))
+
+    def views(img, jitter, solarize):
+        random.seed(0)
+        torch.manual_seed(0)
+        return MultiCropAugmentation(32, 16, 0, (1.0, 1.0), (0.05, 0.25), jitter, solarize)(img)
+
+    # A white image stays white through crop, flip and blur; solarize (second global crop) turns it black.
+    assert views(white, 0.0, 1.0)[1].max() < views(white, 0.0, 0.0)[1].min()
+    assert torch.equal(views(white, 0.0, 1.0)[0], views(white, 0.0, 0.0)[0])
+    assert not torch.equal(views(grey, 1.0, 0.0)[0], views(grey, 0.0, 0.0)[0])  # brightness/contrast jitter
+    with pytest.raises(UserError, match="overrides.solarize_prob"):
+        tiny_dino(solarize_prob=1.5)
 
 
 # -- official checkpoints -------------------------------------------------------------------------------
