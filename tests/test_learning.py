@@ -25,6 +25,7 @@ from tests.learning import MIN_MARGIN, Learning, learning_problems, measure_lear
 # method -> the tiny set its preset is measured on. Slowest first, so the pool's last job is a short one.
 LEARNS: dict[str, str] = {
     "mae": "digits",
+    "ropim": "digits",
 }
 
 
