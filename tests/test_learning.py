@@ -4,61 +4,38 @@ feature) with the same backbone at initialisation (the random-init floor, same s
 its floor by MIN_MARGIN points without a collapse flag from the representation-health metrics; a plugin
 whose teacher never moves must fail the same check.
 
-The methods' pre-trainings run side by side, one torch thread each: on a 2-core machine two single-threaded
-runs finish in half the time of one two-threaded run after the other (a second thread mostly contends),
-and one thread makes the float reductions, hence every margin, the same on every machine. The numbers per
-seed are in each preset's description (``repro methods <method> tiny``)."""
+Each pre-training runs with one torch thread (its loader workers on the other core): a second torch thread
+only contends on a 2-core machine, and one thread makes the float reductions, hence every margin, the same
+on every machine. (Two pre-trainings side by side, data loaded in-process, were no faster in total: at this
+size the work does not scale over the 2 cores.) The numbers per seed are in each preset's description
+(``repro methods <method> tiny``)."""
 
 from __future__ import annotations
-
-import multiprocessing
-import os
-import traceback
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.learning import MIN_MARGIN, Learning, learning_problems, measure_learning
+from tests.learning import MIN_MARGIN, learning_problems, measure_learning
 
-# method -> the tiny set its preset is measured on. Slowest first, so the pool's last job is a short one.
+# method -> the tiny set its preset is measured on
 LEARNS: dict[str, str] = {
     "mae": "digits",
     "ropim": "digits",
 }
 
 
-def _one_thread() -> None:
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-
-
-def _measure(root: Path, method: str, data: str, tiny_root: Path) -> Learning | BaseException:
-    try:
-        (root / method).mkdir()
-        return measure_learning(root / method, method, data=data, tiny_root=tiny_root)
-    except Exception:  # reported by the method's own test, not by every test of the module
-        # As text: a harness exception with its own __init__ need not survive the trip back through pickle.
-        return RuntimeError(traceback.format_exc())
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory, tiny_data) -> dict[str, Learning | BaseException]:
-    root = tmp_path_factory.mktemp("learning")
-    workers = max(1, min(len(LEARNS), os.cpu_count() or 1))
-    # spawn, not fork: a forked child of a process that already ran torch's thread pools can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread) as pool:
-        jobs = {m: pool.submit(_measure, root, m, data, tiny_data) for m, data in LEARNS.items()}
-        return {m: job.result() for m, job in jobs.items()}
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(LEARNS))
-def test_tiny_preset_beats_its_random_init_floor(learned, method):
-    result = learned[method]
-    if isinstance(result, BaseException):
-        raise result
+def test_tiny_preset_beats_its_random_init_floor(tmp_path, tiny_data, one_thread, method):
+    result = measure_learning(tmp_path, method, data=LEARNS[method], tiny_root=tiny_data)
     assert not learning_problems(result, MIN_MARGIN), result.describe()
 
 
