@@ -55,6 +55,19 @@ def slurm_job(matrix, key: str) -> submitit.SlurmJob:
     return submitit.SlurmJob(folder=entry["folder"], job_id=entry["job_id"])
 
 
+def preempt_and_resume(matrix, stage, steps: int, timeout: float, what: str) -> dict:
+    """Launch ``matrix`` on the cluster, preempt ``stage``'s job once its progress reaches ``steps`` (USR2
+    between two steps -> checkpoint -> requeue) and return the record of the requeued job's finished run."""
+    launch(matrix, "slurm")
+    job = slurm_job(matrix, stage.key)
+    progress = Path(stage.stage_dir) / "progress.json"
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= steps, timeout, what)
+    job._interrupt()
+    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
+    return wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, timeout,
+                      "resume")
+
+
 def test_array_dependency_and_idempotent_relaunch(slurm_cluster, tmp_path, tiny_data):
     path = write_spec(tmp_path / "s.yaml", tiny_data / "synthetic", tmp_path / "runs",
                       [{"method": "mae", "preset": "tiny", "seeds": [0, 1], "overrides": QUICK,
@@ -216,13 +229,7 @@ def test_finetune_preempted_on_the_cluster_resumes_from_its_checkpoint(slurm_clu
                       resources={"pretrain": {**CPU1, "cpus_per_task": 2}, "finetune": {**CPU1, "cpus_per_task": 2}})
     matrix = expand(path)
     stage = matrix.cells[0].evaluations[0]
-    launch(matrix, "slurm")
-    job = slurm_job(matrix, stage.key)
-    progress = Path(stage.stage_dir) / "progress.json"
-    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 5, 300, "5 fine-tune steps")
-    job._interrupt()  # preemption: USR2 between two steps -> checkpoint -> requeue
-    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
-    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, 300, "resume")
+    rec = preempt_and_resume(matrix, stage, 5, 300, "5 fine-tune steps")
     resumed_at = rec["resumed_from_step"]
     assert resumed_at is not None and 5 <= resumed_at < 88, resumed_at  # 2 epochs x 44 steps (1437 // 32)
     trajectory = read_metrics(stage.stage_dir)
@@ -275,13 +282,7 @@ def test_dense_job_preempted_on_the_cluster_resumes_from_mmengines_checkpoint(sl
     path.write_text(yaml.safe_dump(spec))
     matrix = expand(path)
     stage = matrix.cells[0].evaluations[0]
-    launch(matrix, "slurm")
-    job = slurm_job(matrix, stage.key)
-    progress = Path(stage.stage_dir) / "progress.json"
-    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 4, 600, "4 UperNet iterations")
-    job._interrupt()  # preemption: USR2 between two iterations -> mmengine checkpoint -> requeue
-    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
-    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, 600, "resume")
+    rec = preempt_and_resume(matrix, stage, 4, 600, "4 UperNet iterations")  # mmengine checkpoints at USR2
     resumed_at = rec["resumed_from_step"]
     assert resumed_at is not None and 4 <= resumed_at < 12, resumed_at
     assert rec["metrics_extra"]["iters"] == 12 and rec["metrics"]["mIoU"] >= 0
