@@ -77,6 +77,8 @@ def hardware_info(device_type: str, world_size: int) -> dict[str, Any]:
         # cores this process may use (its SLURM allocation or affinity), times the nodes of the job
         "cpu_cores": len(os.sched_getaffinity(0)) * nodes, "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
+        # CPU float reductions split by thread: the same run on another thread count differs in the last bits
+        "torch_threads": torch.get_num_threads(),
     }
 
 

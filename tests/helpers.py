@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,18 @@ import torch
 import yaml
 
 from harness.matrix import expand
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run in-process training on ``n`` torch threads: CPU float reductions split by thread, so runs meant to
+    match bit for bit (or margins meant to be the same on every machine) need the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_spec(path: Path, data_root: Path, out: Path, experiments: list[dict[str, Any]],

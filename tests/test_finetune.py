@@ -16,6 +16,7 @@ from evaluations.knn import run as knn
 from harness.api import FeatureSpec
 from harness.errors import UserError
 from tests.eval_helpers import eval_inputs
+from tests.helpers import torch_threads
 
 
 def _builder(drop_path_rate: float = 0.0, trainable: bool = False, grad_checkpointing: bool = False):
@@ -27,12 +28,8 @@ def _builder(drop_path_rate: float = 0.0, trainable: bool = False, grad_checkpoi
 
 @pytest.mark.slow
 def test_tiny_finetune_lowers_loss_and_beats_knn_of_its_init(tmp_path, tiny_data):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend
-    try:
+    with torch_threads(1):  # tiny matrices: threads only contend
         _finetune_beats_knn(tmp_path, tiny_data)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _finetune_beats_knn(tmp_path, tiny_data):

@@ -13,8 +13,8 @@ size the work does not scale over the 2 cores.) The numbers per seed are in each
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.helpers import torch_threads
 from tests.learning import MIN_MARGIN, learning_problems, measure_learning
 
 # method -> the tiny set its preset is measured on
@@ -26,10 +26,8 @@ LEARNS: dict[str, str] = {
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.slow

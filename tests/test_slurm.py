@@ -21,7 +21,7 @@ from harness.records import read_attempts, read_record
 from harness.snapshot import code_state, project_root
 from harness.stages import run_stage
 from harness.status import status_rows
-from tests.helpers import read_metrics, write_spec
+from tests.helpers import read_metrics, torch_threads, write_spec
 
 pytestmark = pytest.mark.slurm
 QUICK = {"epochs": 1, "batch_size": 64, "num_workers": 1}
@@ -123,7 +123,10 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
     reference = write_spec(tmp_path / "ref.yaml", tiny_data / "digits", tmp_path / "ref",
                            [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": over}])
     ref_stage = expand(reference).cells[0].pretrain
-    run_stage(ref_stage)
+    threads = {a["torch_threads"] for a in read_attempts(stage.stage_dir)}
+    assert threads == {2}, threads  # cpus_per_task; the reference must match it bit for bit
+    with torch_threads(2):
+        run_stage(ref_stage)
     expected = {m["step"]: m["loss"] for m in read_metrics(ref_stage.stage_dir)}
     assert all(m["loss"] == expected[m["step"]] for m in trajectory)
 
