@@ -327,7 +327,10 @@ class StageRunner(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: StageSpec) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))))
-        watch_launcher(lambda: signal.raise_signal(signal.SIGINT))  # local jobs end with their launcher
+        # local jobs end with their launcher, by SIGINT: a launcher started in the background (`&` in a
+        # script, nohup) hands SIGINT down ignored, and then Python installs no KeyboardInterrupt for it
+        if watch_launcher(lambda: signal.raise_signal(signal.SIGINT)) is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_stage(spec, self)
 
     def checkpoint(self, spec: StageSpec) -> submitit.helpers.DelayedSubmission:

@@ -26,7 +26,8 @@ def _spec(tmp: Path, digits: Path, dense: dict[str, Path], method: str, eval_ove
           extra: dict | None = None) -> Path:
     spec = {"name": f"dense-{method}", "out": str(tmp / "runs"),
             "data": {"pretrain": str(digits), "ade20k": str(dense["ade20k"]), "coco": str(dense["coco"])},
-            "experiments": [{"method": method, "preset": "tiny", "overrides": {**PRE, **(extra or {})},
+            # no random-init floor: the learning check here is untrained heads, and a floor's two dense runs cost ~50 s
+            "experiments": [{"method": method, "preset": "tiny", "floor": False, "overrides": {**PRE, **(extra or {})},
                              "evaluations": ["ade20k", "coco"],
                              "eval_overrides": eval_overrides}]}
     path = tmp / f"dense-{method}.yaml"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import checkpoint as ckpt
+from harness.cli import main
 from harness.launch import launch
 from harness.manifest import unpack
 from harness.matrix import expand
@@ -100,27 +101,32 @@ def test_records_keep_attempts_costs_data_fingerprint_and_launch_writes_a_manife
         assert rec["gpu_hours"] == 0.0 and rec["hardware"].startswith("CPU ")
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_data):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_data, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperiments: [\n")
-    out = repro("launch", str(bad), cwd=tmp_path)
+    out = repro("launch", str(bad), cwd=tmp_path)  # the real entry point once; the other cases in-process
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: spec:")
     assert "Traceback" not in out.stderr
+
+    def launch_error(spec: Path) -> str:
+        assert main(["launch", str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
     missing = write_spec(tmp_path / "missing.yaml", tmp_path / "no-such-data", tmp_path / "runs",
                          [{"method": "mae", "preset": "tiny", "evaluations": ["knn"]}])
-    out = repro("launch", str(missing))
-    assert out.returncode == 2 and out.stderr.startswith("error: data.root:") and out.stderr.count("\n") == 1
+    assert launch_error(missing).startswith("error: data.root:")
     flat = tmp_path / "flat"
     (flat / "train").mkdir(parents=True)
     (flat / "train" / "img.png").write_bytes(b"")
     wrong = write_spec(tmp_path / "wrong.yaml", flat, tmp_path / "runs", [{"method": "mae", "preset": "tiny"}])
-    out = repro("launch", str(wrong))
-    assert out.returncode == 2 and "has no class folders" in out.stderr
+    assert "has no class folders" in launch_error(wrong)
     assert not (tmp_path / "runs").exists()  # nothing half-written
     unknown = write_spec(tmp_path / "unknown.yaml", tiny_data / "digits", tmp_path / "runs",
                          [{"method": "mea", "preset": "tiny"}])
-    out = repro("launch", str(unknown))
-    assert out.returncode == 2 and "unknown method 'mea'" in out.stderr and "choose one of:" in out.stderr
+    err = launch_error(unknown)
+    assert "unknown method 'mea'" in err and "choose one of:" in err
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_data):

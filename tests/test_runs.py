@@ -154,8 +154,11 @@ def test_concurrent_launch_progress_and_no_orphan_after_a_killed_launch(tmp_path
                       [{"method": "mae", "preset": "tiny",
                         "overrides": {"epochs": 100, "batch_size": 64, "num_workers": 0, "log_every": 1}}])
     stage = expand(spec).cells[0].pretrain
+    # Launched as from a script's `repro launch ... &`: SIGINT ignored, which its jobs inherit.
     first = subprocess.Popen([sys.executable, "-m", "harness.cli", "launch", str(spec)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    owner: dict = {}
     try:
         lock = Path(stage.stage_dir) / STAGE_LOCK
         owner = _wait_for(lambda: read_owner(lock), 90, "the trainer to take its stage lock")
@@ -175,6 +178,8 @@ def test_concurrent_launch_progress_and_no_orphan_after_a_killed_launch(tmp_path
     finally:
         if first.poll() is None:
             first.kill()
+        if owner and _alive(owner["pid"]):  # a failed check must not leave a trainer running on the cores
+            os.kill(owner["pid"], signal.SIGKILL)
     assert read_record(stage.stage_dir) is None  # interrupted, not failed: the relaunch resumes it
     # A relaunch runs it again; a trainer killed without a word is reported as such, not by its progress bar.
     (Path(stage.stage_dir) / "progress.json").unlink()
