@@ -62,7 +62,7 @@ def preempt_and_resume(matrix, stage, steps: int, timeout: float, what: str) -> 
     job = slurm_job(matrix, stage.key)
     progress = Path(stage.stage_dir) / "progress.json"
     wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= steps, timeout, what)
-    job._interrupt()
+    job._interrupt()  # SIGTERM then USR2, as at preemption: checkpoint between steps, scontrol requeue
     wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
     return wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, timeout,
                       "resume")
@@ -107,28 +107,26 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
                       resources={"pretrain": {**CPU1, "cpus_per_task": 2}})
     matrix = expand(path)
     stage = matrix.cells[0].pretrain
-    launch(matrix, "slurm")
-    job = slurm_job(matrix, stage.key)
-    progress = Path(stage.stage_dir) / "progress.json"
-    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 5, 120, "5 steps")
-    job._interrupt()  # SIGTERM then USR2, as at preemption: checkpoint between steps, scontrol requeue
-    wait_until(lambda: job_state(job) in {"REQUEUED", "PENDING"}, 60, "requeue")
-    rec = wait_until(lambda: (r := read_record(stage.stage_dir)) and r.get("status") == "done" and r, 300, "resume")
+    rec = preempt_and_resume(matrix, stage, 5, 300, "5 steps")
     resumed_at = rec["resumed_from_step"]
     assert resumed_at is not None and 5 <= resumed_at < 66, resumed_at  # 3 epochs x 22 steps
     assert rec["checkpoint"]["step"] == 66
-    # The requeued run retraces the uninterrupted one: same losses at every step.
+    # The requeued run retraces the uninterrupted one: the same loss at every step, up to float noise. Two
+    # processes need not sum bit for bit on the CPU (1 vs 2 threads: 14 of these 66 losses differ, by 2.4e-7 at
+    # most; CI once saw a mismatch whose size it did not print, so the assertion now shows it); a resume that
+    # lost a batch, the RNG or the optimiser state moves them by the step-to-step change of the loss, ~1e-2.
     trajectory = read_metrics(stage.stage_dir)
     assert [m["step"] for m in trajectory] == list(range(1, 67))
     reference = write_spec(tmp_path / "ref.yaml", tiny_data / "digits", tmp_path / "ref",
                            [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": over}])
     ref_stage = expand(reference).cells[0].pretrain
     threads = {a["torch_threads"] for a in read_attempts(stage.stage_dir)}
-    assert threads == {2}, threads  # cpus_per_task; the reference must match it bit for bit
+    assert threads == {2}, threads  # cpus_per_task, which the reference matches
     with torch_threads(2):
         run_stage(ref_stage)
     expected = {m["step"]: m["loss"] for m in read_metrics(ref_stage.stage_dir)}
-    assert all(m["loss"] == expected[m["step"]] for m in trajectory)
+    off = {m["step"]: m["loss"] - expected[m["step"]] for m in trajectory if m["loss"] != expected[m["step"]]}
+    assert all(abs(d) < 1e-5 for d in off.values()), (resumed_at, off)
 
 
 def test_cancel_shows_in_status_and_relaunch_resubmits(slurm_cluster, tmp_path, tiny_data):
