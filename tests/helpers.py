@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,12 @@ import torch
 import yaml
 
 from harness.matrix import expand
+
+
+def repro(*args: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
+    """The ``repro`` command in a fresh process (``python -m harness.cli``), output captured as text."""
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
 
 
 @contextmanager

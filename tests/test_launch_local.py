@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,9 @@ from harness.launch import launch
 from harness.manifest import unpack
 from harness.matrix import expand
 from harness.records import REQUIRED, read_record
-from tests.helpers import write_spec
+from tests.helpers import repro, write_spec
 
 QUICK = {"epochs": 1, "batch_size": 64, "num_workers": 1}
-
-
-def repro(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")

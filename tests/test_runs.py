@@ -29,14 +29,9 @@ from harness.train import autocast_dtype
 from methods.dino import DINO
 from methods.ibot import IBOT
 from methods.mae import MAE
-from tests.helpers import read_metrics, write_spec
+from tests.helpers import read_metrics, repro, write_spec
 
 QUICK = {"epochs": 1, "batch_size": 200, "num_workers": 0}  # 3 steps on the synthetic set
-
-
-def repro(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 @pytest.fixture
