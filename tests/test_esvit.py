@@ -50,8 +50,13 @@ def t64(x) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float64)
 
 
+# The layout these unit tests check: two local crops beside the globals, a 256-way head, drop-path in the student
+# and a last layer frozen in the first epoch (the tiny preset itself trains on two global views only).
+LAYOUT = {"local_crops_number": 2, "out_dim": 256, "drop_path_rate": 0.1, "freeze_last_layer": 1}
+
+
 def tiny_esvit(**overrides) -> EsViT:
-    train, cfg, _ = resolve(EsViT, "tiny", overrides)
+    train, cfg, _ = resolve(EsViT, "tiny", {**LAYOUT, **overrides})
     return EsViT(cfg, train)
 
 
@@ -388,7 +393,7 @@ def test_presets_cite_sources_and_labels_match_the_paper_numbers():
 def test_tiny_esvit_pretrains_exports_a_timm_swin_and_knn_writes_a_record(tmp_path, tiny_data):
     path = write_spec(tmp_path / "spec.yaml", tiny_data / "synthetic", tmp_path / "runs",
                       [{"method": "esvit", "preset": "tiny", "seeds": [0], "evaluations": ["knn"],
-                        "overrides": {"epochs": 5}}])  # half the preset's 10 epochs keeps the file under a minute
+                        "overrides": {"epochs": 5, "batch_size": 64}}])  # 45 steps keep the file under a minute
     cell = expand(path).cells[0]
     assert cell.pretrain.backbone == "Swin-pico/4@32"
     pre = run_stage(cell.pretrain)

@@ -21,6 +21,7 @@ from tests.learning import MIN_MARGIN, learning_problems, measure_learning
 LEARNS: dict[str, str] = {
     "mae": "digits",
     "ropim": "digits",
+    "esvit": "digits",
 }
 
 
