@@ -220,7 +220,10 @@ class DINO(MomentumTeacherMethod):
             "uniform moved k-NN most (+6 at patch 4 with 2 local crops), which the collapse flag rightly fails. "
             "Removing the shortcut from the data (each digit rescaled to the set's mean intensity, a scratch set) "
             "raised the patch-8 floor to 60.0 and the no-jitter recipe above (blr 2e-3, 20 epochs) went uniform "
-            "instead (entropy ratio 1.0, RankMe 1.6, k-NN 64.4)",
+            "instead (entropy ratio 1.0, RankMe 1.6, k-NN 64.4). EsViT's tiny recipe, which learns on its Swin "
+            "(no jitter or solarize, crops (0.5, 1), no local crops, out_dim 128, teacher 0.04 held, EMA 0.99, "
+            "freeze_last_layer 0, drop-path 0, 20 epochs of 32 at blr 1e-2), on this preset's ViT: 32.5 vs 49.2 "
+            "(seed 0; RankMe 2.4, entropy ratio 0.98)",
             paper_recipe="vit_small",
             vit=("pico", "ssl-repro CPU test size"),
             img_size=(32, "tiny data sets are 32x32"),

@@ -345,7 +345,9 @@ class IBOT(MomentumTeacherMethod):
             "teacher temperatures 0.04, center momenta 0.9, EMA 0.99, crops (0.5, 1), out dims 128, batch 32, blr "
             "2e-3 (440 steps, measured) the [CLS] targets go uniform by epoch 2 (entropy ratio 0.99) and k-NN ends "
             "at 47.2 vs 54.2 at init; the features' first principal component, the digit's ink amount "
-            "(correlation 0.97), grows from 73 % to 82 % of their variance (DINO's tiny description)",
+            "(correlation 0.97), grows from 73 % to 82 % of their variance (DINO's tiny description). EsViT's "
+            "tiny recipe, which learns on its Swin (see DINO's description; here with patch out_dim 128 and patch "
+            "temperatures 0.04): 48.9 vs 49.2 (seed 0), targets uniform (entropy ratio 0.993, flagged)",
             paper_recipe="vit_small",
             **dict(
                 _SMALL,
