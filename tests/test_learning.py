@@ -25,16 +25,11 @@ LEARNS: dict[str, str] = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(LEARNS))
-def test_tiny_preset_beats_its_random_init_floor(tmp_path, tiny_data, one_thread, method):
-    result = measure_learning(tmp_path, method, data=LEARNS[method], tiny_root=tiny_data)
+def test_tiny_preset_beats_its_random_init_floor(tmp_path, tiny_data, method):
+    with torch_threads(1):
+        result = measure_learning(tmp_path, method, data=LEARNS[method], tiny_root=tiny_data)
     assert not learning_problems(result, MIN_MARGIN), result.describe()
 
 

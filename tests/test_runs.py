@@ -3,6 +3,7 @@ at launch, the precision a CPU uses, and progress while a local launch works (is
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -174,7 +175,8 @@ def test_concurrent_launch_progress_and_no_orphan_after_a_killed_launch(tmp_path
         if first.poll() is None:
             first.kill()
         if owner and _alive(owner["pid"]):  # a failed check must not leave a trainer running on the cores
-            os.kill(owner["pid"], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may end between the check and the kill
+                os.kill(owner["pid"], signal.SIGKILL)
     assert read_record(stage.stage_dir) is None  # interrupted, not failed: the relaunch resumes it
     # A relaunch runs it again; a trainer killed without a word is reported as such, not by its progress bar.
     (Path(stage.stage_dir) / "progress.json").unlink()

@@ -68,6 +68,24 @@ def preempt_and_resume(matrix, stage, steps: int, timeout: float, what: str) -> 
                       "resume")
 
 
+def assert_retraces(stage, reference) -> int:
+    """Run ``reference`` (``stage`` uninterrupted, in this process) on the torch threads the cluster job used and
+    check the job's preempted-and-resumed losses against it at every step; returns that thread count.
+    Equal up to float noise: two processes need not sum bit for bit on the CPU (1 vs 2 threads: 14 of 66 MAE
+    losses differ, by 2.4e-7 at most; CI once saw a mismatch whose size it did not print, so the assertion
+    shows it), while a resume that drops the optimiser state moves them by 9e-3..3e-2 (measured) and a lost
+    batch by the loss's own step-to-step change (~1e-2)."""
+    threads = {a["torch_threads"] for a in read_attempts(stage.stage_dir)}
+    assert len(threads) == 1, threads
+    with torch_threads(*threads):
+        run_stage(reference)
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference.stage_dir)}
+    trajectory = read_metrics(stage.stage_dir)
+    off = {m["step"]: m["loss"] - expected[m["step"]] for m in trajectory if m["loss"] != expected[m["step"]]}
+    assert all(abs(d) < 1e-5 for d in off.values()), (read_record(stage.stage_dir)["resumed_from_step"], off)
+    return threads.pop()
+
+
 def test_array_dependency_and_idempotent_relaunch(slurm_cluster, tmp_path, tiny_data):
     path = write_spec(tmp_path / "s.yaml", tiny_data / "synthetic", tmp_path / "runs",
                       [{"method": "mae", "preset": "tiny", "seeds": [0, 1], "overrides": QUICK,
@@ -111,23 +129,12 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
     resumed_at = rec["resumed_from_step"]
     assert resumed_at is not None and 5 <= resumed_at < 66, resumed_at  # 3 epochs x 22 steps
     assert rec["checkpoint"]["step"] == 66
-    # The requeued run retraces the uninterrupted one: the same loss at every step, up to float noise. Two
-    # processes need not sum bit for bit on the CPU (1 vs 2 threads: 14 of these 66 losses differ, by 2.4e-7 at
-    # most; CI once saw a mismatch whose size it did not print, so the assertion now shows it); a resume that
-    # drops the optimiser state moves them by 9e-3..3e-2 (measured), a lost batch by the loss's own step-to-step
-    # change (~1e-2).
+    # The requeued run retraces the uninterrupted one: the same loss at every step.
     trajectory = read_metrics(stage.stage_dir)
     assert [m["step"] for m in trajectory] == list(range(1, 67))
     reference = write_spec(tmp_path / "ref.yaml", tiny_data / "digits", tmp_path / "ref",
                            [{"method": "mae", "preset": "tiny", "seeds": [0], "overrides": over}])
-    ref_stage = expand(reference).cells[0].pretrain
-    threads = {a["torch_threads"] for a in read_attempts(stage.stage_dir)}
-    assert threads == {2}, threads  # cpus_per_task, which the reference matches
-    with torch_threads(2):
-        run_stage(ref_stage)
-    expected = {m["step"]: m["loss"] for m in read_metrics(ref_stage.stage_dir)}
-    off = {m["step"]: m["loss"] - expected[m["step"]] for m in trajectory if m["loss"] != expected[m["step"]]}
-    assert all(abs(d) < 1e-5 for d in off.values()), (resumed_at, off)
+    assert assert_retraces(stage, expand(reference).cells[0].pretrain) == 2  # cpus_per_task
 
 
 def test_cancel_shows_in_status_and_relaunch_resubmits(slurm_cluster, tmp_path, tiny_data):
@@ -240,9 +247,7 @@ def test_finetune_preempted_on_the_cluster_resumes_from_its_checkpoint(slurm_clu
     import dataclasses
 
     reference = dataclasses.replace(stage, stage_dir=str(tmp_path / "ref"))
-    run_stage(reference)
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference.stage_dir)}
-    assert all(m["loss"] == expected[m["step"]] for m in trajectory)
+    assert assert_retraces(stage, reference) == 2  # cpus_per_task
     assert read_record(reference.stage_dir)["metrics"] == rec["metrics"]
 
 
