@@ -22,6 +22,7 @@ LEARNS: dict[str, str] = {
     "mae": "digits",
     "ropim": "digits",
     "esvit": "digits",
+    "simmim": "digits",
 }
 
 
