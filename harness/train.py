@@ -238,10 +238,11 @@ class TrainRun:
         last_logged: dict[str, float] = {}
         self.curves = TrainingCurves.for_run(self) if dist.is_main else None
         self.model.train()
+        # One loader for the run: its workers persist across epochs, each iteration re-reads the sampler's position.
+        loader = build_loader(self.dataset, self.sampler, t.num_workers, dist.device.type == "cuda")
         while self.step < max_steps:
             epoch, start_batch = divmod(self.step, self.ipe)
             self.sampler.set_position(epoch, start_batch)
-            loader = build_loader(self.dataset, self.sampler, t.num_workers, dist.device.type == "cuda")
             for batch, _labels in loader:
                 with _signals_blocked():
                     out = self._step(batch)

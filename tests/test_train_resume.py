@@ -1,4 +1,4 @@
-"""The generic loop: exact resume, checkpoint contents, NaN handling."""
+"""The generic loop: exact resume, checkpoint contents, NaN handling, seeding and its one loader."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import checkpoint as ckpt
+from harness.data import ResumableSampler, SeededAugmentDataset, build_loader, mix_seed, seed_everything
 from harness.errors import NonFiniteLossError
 from harness.records import read_record
 from harness.stages import run_stage
@@ -71,3 +72,38 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     record = read_record(stage.stage_dir)
     assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
+
+
+def test_seed_everything_gives_torch_manual_seeds_cpu_stream():
+    seed_everything(mix_seed(3, 1, 4))
+    ours = (torch.rand(5), torch.randperm(9))
+    torch.manual_seed(mix_seed(3, 1, 4))
+    assert all(torch.equal(a, b) for a, b in zip(ours, (torch.rand(5), torch.randperm(9)), strict=True))
+
+
+def test_one_loader_for_the_run_yields_what_a_fresh_loader_per_epoch_did(tiny_data):
+    # The loop builds its loader once (workers persist across epochs) and moves the sampler between epochs,
+    # mid-epoch too after a resume: every epoch's batches must be those of a loader built for that position.
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    def augment(img):  # random, so a batch shows whether the (index, epoch) seeding reached the worker
+        return transforms.functional.to_tensor(transforms.RandomResizedCrop(8)(img))
+
+    dataset = SeededAugmentDataset(ImageFolder(str(tiny_data / "synthetic" / "train")), augment, seed=0)
+    sampler = ResumableSampler(len(dataset), 64, 1, 0, seed=0)
+    positions = [(0, 0), (1, 5), (2, 0)]
+
+    def batches(loader_for):
+        out = []
+        for epoch, start in positions:
+            sampler.set_position(epoch, start)
+            out += [(images.clone(), labels.clone()) for images, labels in loader_for()]
+        return out
+
+    persistent = build_loader(dataset, sampler, num_workers=2, pin_memory=False)
+    assert persistent.persistent_workers
+    fresh = batches(lambda: build_loader(dataset, sampler, num_workers=0, pin_memory=False))
+    assert len(fresh) == 9 + 4 + 9
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(batches(lambda: persistent), fresh, strict=True))
