@@ -280,15 +280,15 @@ def _tiny_preset(dense: bool = True):
         "CPU test recipe on 32x32 images: a 2-stage Swin, two global views, no colour augmentation, 20 epochs of 32 "
         "images (880 steps on the digits: the learning test took 119 s on one thread of an idle 2-core machine). It "
         "learns the digits (k-NN top-1, k=20, mean-pooled teacher features, vs the same backbone at initialisation, "
-        "one torch thread): 65.0 vs 53.9, 68.9 vs 55.6, 67.5 vs 55.0 (seeds 0, 1, 2: +11.1, +13.3, +12.5; RankMe 9.2,"
-        " 8.6, 8.5, teacher entropy ratio 0.75-0.83, no collapse flag). Why no colour jitter or solarize: on grey "
-        "digits the views they make barely agree at initialisation and the targets go uniform (DINO's tiny "
-        "description measures it). The preset before (jitter and solarize on, 2 local 12x12 crops, out_dim 256, "
-        "teacher 0.04 -> 0.07, freeze_last_layer 1, 10 epochs of 64 at blr 5e-3) gave 49.7 vs 54.2 (issue 10); with "
-        "jitter and solarize off but teacher 0.02, center momentum 0, EMA 0.95, blr 2e-3, crops (0.6, 1), 8 epochs: "
-        "56.7 vs 56.4 (features of rank 14, entropy 3.4 of log K 5.55). This recipe at blr 5e-3 with drop-path 0.1: "
-        "62.2 vs 53.9 (seed 0, +8.3; entropy ratio 0.77, RankMe 9.7). The view-only variant (esvit-v) takes the same "
-        "values, not measured",
+        "one torch thread): 65.0 vs 53.9, 68.9 vs 55.6, 67.5 vs 55.0 (seeds 0, 1, 2: +11.1, +13.3, +12.5; RankMe 9.2, "
+        "8.6, 8.5, teacher entropy ratio 0.75-0.83, no collapse flag). Why no colour jitter or solarize: on grey "
+        "digits the views they make barely agree at initialisation and the targets go uniform (DINO's tiny description"
+        " measures it). The preset before (jitter and solarize on, 2 local 12x12 crops, out_dim 256, teacher 0.04 -> "
+        "0.07, freeze_last_layer 1, 10 epochs of 64 at blr 5e-3) gave 49.7 vs 54.2 (issue 10); with jitter and "
+        "solarize off but teacher 0.02, center momentum 0, EMA 0.95, blr 2e-3, crops (0.6, 1), 8 epochs: 56.7 vs 56.4 "
+        "(features of rank 14, entropy 3.4 of log K 5.55). This recipe at blr 5e-3 with drop-path 0.1: 62.2 vs 53.9 "
+        "(seed 0, +8.3; entropy ratio 0.77, RankMe 9.7). At 16 epochs (704 steps): 63.1 vs 53.9, 67.5 vs 55.6 (seeds "
+        "0, 1: +9.2, +11.9). The view-only variant (esvit-v) takes the same values, not measured",
         paper_recipe="swin_tiny_w7",
         swin=("pico", "ssl-repro CPU test size (methods.swin SWIN_SIZES['pico'])"),
         window_size=(4, "8x8 patch grid of a 32x32 global crop: 4 windows, shifted in every second block"),
