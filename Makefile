@@ -26,6 +26,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
+# One process: two pytest-xdist workers (-n 2, a test file each) were no faster on a 2-core machine like CI's: every
+# CPU-bound test ran about 2x slower beside the other (the learning tests: 102-233 s each, vs 55-125 s alone).
 test: lint
 	$(BIN)/python -m pytest -q -ra --durations=15
 
