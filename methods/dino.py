@@ -225,7 +225,8 @@ class DINO(MomentumTeacherMethod):
             "epochs 53.1 vs 48.1 (+5.0, RankMe 5.0, entropy ratio 0.49), 150 epochs 54.4 vs 48.1 (+6.4); with 8-px "
             "patches, 60 epochs on one CPU thread: 42.2 vs 50.6. This preset itself for 100 epochs: uniform targets, "
             "RankMe 1.2, 48.1 vs 48.1. iBOT, whose masked-patch loss is the difference, learns with the same recipe "
-            "(+15.0 at 60 epochs, 8-px patches; its description)",
+            "(+15.0 at 60 epochs, 8-px patches), and in 40 epochs with every view masked and its [CLS] (DINO) loss "
+            "at half weight (its tiny description)",
             paper_recipe="vit_small",
             vit=("pico", "ssl-repro CPU test size"),
             img_size=(32, "tiny data sets are 32x32"),

@@ -59,6 +59,7 @@ def measure_learning(tmp_path: Path, method: str, preset: str = "tiny", data: st
     ``data``: a tiny set's name ("digits", "synthetic"), made under ``tiny_root`` (default
     ``tmp_path/"tiny"``; pass the session's ``tiny_data`` fixture to make it once), or an ImageFolder path."""
     tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if isinstance(data, Path) or "/" in str(data):
         data_root = Path(data)
     else:

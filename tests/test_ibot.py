@@ -34,8 +34,13 @@ def t64(x) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float64)
 
 
+# The plumbing tests below build the tiny model in the paper's multi-crop shape (the tiny preset itself drops local
+# crops, drop-path and the frozen last layer to learn on the CPU): 8x8 patch grid, 2 local crops, 6 epochs.
+PLUMBING = {"patch_size": 4, "local_crops_number": 2, "drop_path_rate": 0.1, "freeze_last_layer": 1, "epochs": 6}
+
+
 def _tiny(**overrides) -> IBOT:
-    train, cfg, _ = resolve(IBOT, "tiny", overrides)
+    train, cfg, _ = resolve(IBOT, "tiny", {**PLUMBING, **overrides})
     torch.manual_seed(0)
     return IBOT(cfg, train)
 
@@ -326,7 +331,7 @@ def test_tiny_pretrains_exports_and_knn_writes_a_record(tmp_path, tiny_data):
     cell = expand(spec).cells[0]
     run_stage(cell.pretrain)
     pre = read_record(cell.pretrain.stage_dir)
-    assert pre["status"] == "done" and pre["backbone"] == "ViT-pico/4@32" and pre["paper_recipe"] == "vit_small"
+    assert pre["status"] == "done" and pre["backbone"] == "ViT-pico/8@32" and pre["paper_recipe"] == "vit_small"
     assert {"cls", "patch", "loss"} <= set(pre["metrics"]) and np.isfinite(pre["metrics"]["loss"])
     assert pre["recipe_deviations"]["epochs"] == [800, 1]
     run_stage(cell.evaluations[0])

@@ -285,8 +285,9 @@ def test_launch_checks_what_would_fail_at_job_start(tmp_path, tiny_data, capsys)
     assert code == 2 and "warmup_teacher_temp_epochs" in err
     assert "you did not set warmup_teacher_temp_epochs: preset dino/tiny sets 3" in err
     code, err = _dry_run(tmp_path, tiny_data / "synthetic",
-                         {"method": "ibot", "preset": "tiny", "overrides": {"epochs": 1}}, capsys)
-    assert code == 2 and "preset ibot/tiny sets 2" in err
+                         {"method": "ibot", "preset": "tiny", "overrides": {"epochs": 1, "pred_start_epoch": 2}},
+                         capsys)
+    assert code == 2 and "pred_start_epoch 2 exceed epochs 1" in err and "preset ibot/tiny sets 0" in err
     root = tmp_path / "holes"
     shutil.copytree(tiny_data / "synthetic", root)
     (root / "train" / "zz_empty").mkdir()
