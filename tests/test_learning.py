@@ -4,13 +4,13 @@ feature) with the same backbone at initialisation (the random-init floor, same s
 its floor by MIN_MARGIN points without a collapse flag from the representation-health metrics; a plugin
 whose teacher never moves must fail the same check.
 
-Each pre-training runs on one torch thread, which makes the float reductions, hence every margin, the same on
-every machine; a second thread in one run only contends on a 2-core machine. One run leaves part of the
-machine idle (its loader workers use about half the other core), so the measurements run two at a time, each
-in a spawned process. Measured on a 2-core machine: the four of MAE, ROPIM, EsViT and SimMIM took 380 s one
-after the other and 359 s two at a time; with iBOT (173 s alone) the five took 503 s two at a time. (Two runs
-with their data loaded in-process were no faster than one after the other.) The numbers per seed are in each
-preset's description (``repro methods <method> tiny``)."""
+Each pre-training runs on one torch thread, which makes the float reductions, hence every margin, the same on every
+machine; a second thread in one run only contends on a 2-core machine. One run leaves part of the machine idle (its
+loader workers use about half the other core), so the measurements run side by side (PARALLEL at a time), each in a
+spawned process. Measured on a 2-core machine: the four of MAE, ROPIM, EsViT and SimMIM took 380 s one after the
+other and 359 s two at a time; with iBOT (173 s alone) the five took 503 s two at a time. (Two runs with their data
+loaded in-process were no faster than one after the other.) The numbers per seed are in each preset's description
+(``repro methods <method> tiny``)."""
 
 from __future__ import annotations
 
