@@ -16,23 +16,24 @@ def _trunc_normal_init(module: nn.Module) -> None:
 
 
 class DINOHead(nn.Module):
-    """DINO ``vision_transformer.DINOHead``: MLP (GELU, no BN) -> bottleneck -> L2-normalise ->
-    weight-normalised prototypes. With ``norm_last_layer`` the prototype norms stay fixed at 1.
+    """DINO ``vision_transformer.DINOHead``: MLP (GELU; BatchNorm after each hidden Linear with ``use_bn``) ->
+    bottleneck -> L2-normalise -> weight-normalised prototypes. With ``norm_last_layer`` the prototype norms stay
+    fixed at 1.
 
     The last layer is created after the MLP's truncated-normal init, as in the official code, so it
     keeps PyTorch's default Linear init.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers: list[nn.Module] = []
+            for d_in in [in_dim] + [hidden_dim] * (nlayers - 2):
+                layers += [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(_trunc_normal_init)

@@ -1,14 +1,58 @@
-"""Shared fixtures: tiny data (tests/conftest_data.py) and the real SLURM cluster."""
+"""Shared fixtures: tiny data (tests/conftest_data.py), the real SLURM cluster, and the learning measurements
+that run in the background while the rest of the suite runs."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from tests.learning import measure_on_one_thread
+
 pytest_plugins = ["tests.conftest_data"]
+
+# tests/test_learning.py: the tests that read a background measurement, parametrised by its name (a method
+# or a BROKEN preset)
+LEARNING_TESTS = ("test_tiny_preset_beats_its_random_init_floor", "test_a_broken_preset_fails_the_learning_check")
+
+
+def _is_learning_test(item: pytest.Item) -> bool:
+    return getattr(item, "originalname", None) in LEARNING_TESTS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The learning tests last: their pre-trainings start with the session (learning_measurements), so they run
+    # while the rest of the suite does, which on 2 cores leaves about one core idle (subprocess start-ups,
+    # SLURM scheduling, waits on jobs).
+    items.sort(key=_is_learning_test)  # stable: every other test keeps its place
+
+
+@pytest.fixture(scope="session", autouse=True)
+def learning_measurements(request, tmp_path_factory):
+    """``{name: Future[Learning]}`` for every learning test this session selected, started at the session's
+    first test in spawned processes (a forked child would inherit pytest's state and torch's thread pool).
+
+    Beside other tests: one measurement at a time per spare pair of cores (one on a 2-core machine: a run
+    takes about 1.3 cores, its torch thread and its loader workers), leaving a pair to the other tests. Alone:
+    one per pair of cores, at least two. The margins do not depend on it (one torch thread each)."""
+    selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
+    if not selected:
+        yield {}
+        return
+    pairs = (os.cpu_count() or 2) // 2
+    alone = len(selected) == len(request.session.items)
+    workers = max(2, pairs) if alone else max(1, pairs - 1)
+    tiny_root = request.getfixturevalue("tiny_data")
+    root = tmp_path_factory.mktemp("learning")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield {m: pool.submit(measure_on_one_thread, root / m, m, tiny_root) for m in selected}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cluster_answers() -> bool:

@@ -97,3 +97,12 @@ def formula_weights(module: torch.nn.Module) -> None:
             if "gamma" in name or name == "pos_embed":
                 continue
             p.copy_((0.05 * torch.sin(0.37 * torch.arange(p.numel(), dtype=torch.float64) + j)).reshape(p.shape))
+
+
+# The tiny preset's shape before it was tuned to learn (issue 10): 4-px patches, two local crops, DINO's
+# augmentations, drop-path, a frozen last layer and a teacher-temperature warm-up, so that the model's plumbing
+# is tested in the paper's multi-crop shape.
+DINO_PLUMBING = {"patch_size": 4, "local_crops_number": 2, "global_crops_scale": (0.25, 1.0),
+                 "color_jitter_prob": 0.8, "solarize_prob": 0.2, "drop_path_rate": 0.1, "out_dim": 256,
+                 "use_bn_in_head": False, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 3, "epochs": 10,
+                 "batch_size": 64, "freeze_last_layer": 1}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from harness.matrix import expand
 from harness.records import read_record
 from harness.stages import run_stage
@@ -90,6 +92,31 @@ def measure_learning(tmp_path: Path, method: str, preset: str = "tiny", data: st
 
 
 MIN_MARGIN = 10.0  # k-NN top-1 points over the random-init floor (issue 10)
+
+# method -> the tiny set its preset is measured on (tests/test_learning.py); the longest first
+LEARNS: dict[str, str] = {
+    "ibot": "digits",
+    "esvit": "digits",
+    "dino": "digits",
+    "simmim": "digits",
+    "mae": "digits",
+    "ropim": "digits",
+}
+
+
+# Deliberately broken tiny presets the learning check must fail (issue 10): name -> (method, overrides).
+BROKEN: dict[str, tuple[str, dict[str, Any]]] = {
+    # The teacher as soft as the student: nothing sharpens its targets, which go uniform (DINO sec. 5.3).
+    "dino_teacher_temp_equals_student_temp": ("dino", {"teacher_temp": 0.1, "warmup_teacher_temp": 0.1}),
+}
+
+
+def measure_on_one_thread(out: Path, name: str, tiny_root: Path) -> Learning:
+    """``measure_learning`` of a tiny preset named in LEARNS (a method) or BROKEN, on one torch thread in a fresh
+    (spawned) process: one thread makes the float reductions, hence every margin, the same on every machine."""
+    torch.set_num_threads(1)
+    method, overrides = BROKEN[name] if name in BROKEN else (name, {})
+    return measure_learning(out, method, data=LEARNS[method], overrides=overrides, tiny_root=tiny_root)
 
 
 def learning_problems(result: Learning, min_margin: float = MIN_MARGIN) -> list[str]:

@@ -23,6 +23,7 @@ from harness.distributed import destroy, init_distributed
 from harness.train import clip_gradients
 from methods.dino import DINO
 from methods.teacher import Center
+from tests.helpers import DINO_PLUMBING
 
 WORLD = 2
 K = 16
@@ -52,7 +53,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         center.update(_rows(rank))
 
         # 2. DINO steps through DDP, as harness.train.PretrainRun._step runs them.
-        train, cfg, _ = resolve(DINO, "tiny", {"clip_grad": 0.5})
+        train, cfg, _ = resolve(DINO, "tiny", {**DINO_PLUMBING, "clip_grad": 0.5})
         torch.manual_seed(0)  # same initial weights on every rank (the harness seeds the same way)
         model = DINO(cfg, train)
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
@@ -106,7 +107,7 @@ def test_center_all_reduce_and_dino_step_keep_ranks_identical(tmp_path):
     assert r0["dino_center"].abs().sum() > 0
     # ... and training did move them: the student changed, the teacher followed it by EMA.
     torch.manual_seed(0)
-    train, cfg, _ = resolve(DINO, "tiny", {"clip_grad": 0.5})
+    train, cfg, _ = resolve(DINO, "tiny", {**DINO_PLUMBING, "clip_grad": 0.5})
     init = DINO(cfg, train).student.state_dict()
     moved = [k for k in init if not torch.equal(init[k], r0["student"][k])]
     assert "backbone.cls_token" in moved and "head.last_layer.parametrizations.weight.original1" in moved

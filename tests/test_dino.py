@@ -30,7 +30,7 @@ from methods.dino import DINO, DINOLoss, vit_cls_token
 from methods.heads import DINOHead
 from methods.official import backbone_state_dict
 from methods.teacher import teacher_temperature_schedule
-from tests.helpers import read_metrics, write_spec
+from tests.helpers import DINO_PLUMBING, read_metrics, write_spec
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 TOL = 1e-5
@@ -54,7 +54,7 @@ def _err(name: str, ours, theirs) -> float:
 
 
 def tiny_dino(**overrides) -> DINO:
-    train, cfg, _ = resolve(DINO, "tiny", overrides)
+    train, cfg, _ = resolve(DINO, "tiny", {**DINO_PLUMBING, **overrides})
     torch.manual_seed(0)
     return DINO(cfg, train)
 
@@ -123,6 +123,23 @@ def test_head_matches_official(case):
     with torch.no_grad():
         assert _err("dino_head.float32", head(x.float()), out["output_float32"]) <= TOL
         assert _err("dino_head.float64", head.double()(x), out["output_float64"]) <= TOL
+
+
+def test_batchnorm_head_matches_official_in_train_and_eval_mode():
+    # main_dino.py --use_bn_in_head: BatchNorm1d after each hidden Linear, same module indices (mlp.1, mlp.4).
+    fx = _load("dino_head_bn.json")
+    inp, out = fx["inputs"], fx["outputs"]
+    head = DINOHead(inp["in_dim"], inp["out_dim"], hidden_dim=inp["hidden_dim"], bottleneck_dim=inp["bottleneck_dim"],
+                    nlayers=inp["nlayers"], norm_last_layer=inp["norm_last_layer"], use_bn=inp["use_bn"])
+    head.load_state_dict({_WN.get(k, k): torch.tensor(v) for k, v in inp["state_dict"].items()}, strict=True)
+    head.double().train()  # the teacher too runs in train mode (main_dino.py never calls teacher.eval())
+    x = t64(inp["x"])
+    with torch.no_grad():
+        assert _err("dino_head_bn.train", head(x), out["output_train_float64"]) <= TOL
+        state = head.state_dict()
+        for k, v in out["running_after_train"].items():
+            assert _err(f"dino_head_bn.{k}", state[k], v) <= TOL
+        assert _err("dino_head_bn.eval", head.eval()(x), out["output_eval_float64"]) <= TOL
 
 
 def test_per_parameter_clipping_matches_official():
@@ -326,7 +343,7 @@ def test_import_official_strict_key_errors_are_one_line():
         DINO.import_official(bad, model.cfg)
     msg = str(err.value)
     assert "\n" not in msg and "blocks.0.attn.qkv.weight" in msg and "relative_position_bias" in msg
-    _, other_cfg, _ = resolve(DINO, "tiny", {"img_size": 48, "local_size": 24})
+    _, other_cfg, _ = resolve(DINO, "tiny", {**DINO_PLUMBING, "img_size": 48, "local_size": 24})
     with pytest.raises(UserError, match="shape mismatch at pos_embed"):
         DINO.import_official(backbone_only, other_cfg)
     with pytest.raises(UserError, match="no 'student' entry"):
@@ -339,13 +356,13 @@ def test_tiny_dino_pretrains_exports_and_knn_writes_a_record(tmp_path, tiny_data
                       [{"method": "dino", "preset": "tiny", "seeds": [0], "evaluations": ["knn"],
                         "overrides": {"epochs": 2, "warmup_teacher_temp_epochs": 1}}])
     cell = expand(path).cells[0]
-    assert cell.pretrain.backbone == "ViT-pico/4@32"
+    assert cell.pretrain.backbone == "ViT-pico/8@32"
     pre = run_stage(cell.pretrain)
-    assert pre["status"] == "done" and pre["checkpoint"]["step"] == 18  # 2 epochs x 600 // 64
+    assert pre["status"] == "done" and pre["checkpoint"]["step"] == 36  # 2 epochs x 600 // 32
     losses = [m["loss"] for m in read_metrics(cell.pretrain.stage_dir)]
     assert all(np.isfinite(losses))
     backbone, spec, meta = load_export(Path(cell.pretrain.stage_dir) / "export")
-    assert spec.knn == "cls" and spec.linear_n_last_blocks == 4 and meta["label"] == "ViT-pico/4@32"
+    assert spec.knn == "cls" and spec.linear_n_last_blocks == 4 and meta["label"] == "ViT-pico/8@32"
     state = torch.load(pre["checkpoint"]["path"], weights_only=True)["model"]
     exported = backbone.state_dict()
     assert all(torch.equal(exported[k], state[f"teacher.backbone.{k}"]) for k in exported)  # the teacher
