@@ -159,11 +159,13 @@ def finished_record(spec: StageSpec) -> dict[str, Any] | None:
     return rec if rec is not None and rec.get("status") == "done" and rec.get("stage_id") == spec.stage_id else None
 
 
-def stop_loader_workers() -> None:
+def stop_loader_workers(keep: set[multiprocessing.process.BaseProcess]) -> None:
     """Loader workers ignore SIGTERM (preemption signals are for the main process), so a failing job
-    would wait forever at exit for multiprocessing to join them: end them now. torch's SIGCHLD handler
-    would report each as "killed by signal", which is ours, so it is muted meanwhile."""
-    children = multiprocessing.active_children()
+    would wait forever at exit for multiprocessing to join them: end them now. Only the children the stage
+    started: ``keep`` (those alive before it) belong to whoever called run_stage (a test session's process
+    pool, say). torch's SIGCHLD handler would report each as "killed by signal", which is ours, so it is muted
+    meanwhile."""
+    children = [child for child in multiprocessing.active_children() if child not in keep]
     if not children:
         return
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -282,6 +284,7 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
     """Run one stage in this process; a failure writes a 'failed' record (one line) and re-raises."""
     dist = init_distributed()
     held = ExitStack()
+    others = set(multiprocessing.active_children())
     try:
         done = finished_record(spec)
         if done is not None:  # running it again could only lose its metrics
@@ -313,7 +316,7 @@ def run_stage(spec: StageSpec, runner: StageRunner | None = None) -> dict[str, A
             write_unless_worse(spec.stage_dir, fail)
         raise
     finally:
-        stop_loader_workers()
+        stop_loader_workers(keep=others)
         held.close()
         destroy()
 

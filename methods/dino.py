@@ -150,7 +150,7 @@ _COMMON = dict(
     head_hidden_dim=(2048, "vision_transformer.DINOHead hidden_dim=2048"),
     head_bottleneck_dim=(256, "vision_transformer.DINOHead bottleneck_dim=256"),
     head_nlayers=(3, "vision_transformer.DINOHead nlayers=3"),
-    use_bn_in_head=(False, f"{_CODE} --use_bn_in_head default False (args.txt of both releases: False)"),
+    use_bn_in_head=(False, f"{_CODE} --use_bn_in_head default False (no BatchNorm in the projection head)"),
     warmup_teacher_temp=(0.04, f"{_ARGS_S} / {_ARGS_B} warmup_teacher_temp 0.04"),
     teacher_temp=(0.07, f"{_ARGS_S} / {_ARGS_B} teacher_temp 0.07 (README 'Boosting DINO performance')"),
     student_temp=(0.1, f"{_CODE} DINOLoss student_temp=0.1; {_PAPER}"),
@@ -229,12 +229,13 @@ class DINO(MomentumTeacherMethod):
             out_dim=(128, "ssl-repro CPU test size (a 65536-way head on 1440 images is pointless)"),
             head_hidden_dim=(256, "ssl-repro CPU test size"),
             head_bottleneck_dim=(64, "ssl-repro CPU test size"),
-            use_bn_in_head=(True, f"{_CODE} --use_bn_in_head (an official option, off in both releases): without "
+            use_bn_in_head=(True, f"{_CODE} --use_bn_in_head (an official option, default off): without "
                                   "it the tiny runs end at or below their floor (see the description)"),
             warmup_teacher_temp=(0.04, f"{_ARGS_S} warmup_teacher_temp 0.04"),
-            teacher_temp=(0.04, "held at the warm-up value (warmup_teacher_temp_epochs 0): 0.07 is for long "
-                                "schedules (README 'Boosting DINO performance')"),
-            warmup_teacher_temp_epochs=(0, "the temperature is held (the paper warms it over 30 of 800 epochs)"),
+            teacher_temp=(0.04, f"{_CODE} --teacher_temp default 0.04 ('We recommend starting with the default "
+                                "value of 0.04'); 0.03 measured alike (see the description)"),
+            warmup_teacher_temp_epochs=(0, f"{_CODE} --warmup_teacher_temp_epochs default 0: the temperature is "
+                                           "held"),
             epochs=(20, "ssl-repro CPU test length"),
             batch_size=(32, "ssl-repro CPU test batch: more steps for the same images"),
             blr=(5e-3, "~10x the paper's blr: few steps"),

@@ -2,7 +2,7 @@
 pipeline (matrix -> stages -> export -> k-NN) and compare its k-NN top-1 (k = 20, the protocol's default
 feature) with the same backbone at initialisation (the random-init floor, same seed). Each method must beat
 its floor by MIN_MARGIN points without a collapse flag from the representation-health metrics; a plugin
-whose teacher never moves must fail the same check.
+whose teacher never moves, or is as soft as its student (BROKEN), must fail the same check.
 
 Each pre-training runs on one torch thread in a spawned process, which makes the float reductions, hence every
 margin, the same on every machine. The measurements start with the session and run in the background while the

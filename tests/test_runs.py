@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -73,6 +74,20 @@ def test_a_bad_image_ends_the_job_promptly_naming_the_file(tmp_path, tiny_data):
     assert time.time() - t0 < 60
     rec = read_record(expand(spec).cells[0].pretrain.stage_dir)
     assert rec["status"] == "failed" and "notes.png" in rec["error"]
+
+
+def test_a_stage_ends_its_loader_workers_and_no_process_it_did_not_start(tmp_path, tiny_data):
+    # run_stage in a process that has children of its own (the learning tests' process pool): those survive.
+    spec = write_spec(tmp_path / "s.yaml", tiny_data / "synthetic", tmp_path / "runs",
+                      [{"method": "mae", "preset": "tiny", "overrides": {**QUICK, "num_workers": 2}}])
+    other = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(120,))
+    other.start()
+    try:
+        assert run_stage(expand(spec).cells[0].pretrain)["status"] == "done"
+        assert other.is_alive() and multiprocessing.active_children() == [other]
+    finally:
+        other.kill()
+        other.join()
 
 
 def test_launch_and_dry_run_find_unreadable_images_before_submitting(tmp_path, dirty_data, monkeypatch):
@@ -281,9 +296,10 @@ def test_launch_checks_what_would_fail_at_job_start(tmp_path, tiny_data, capsys)
                          {"method": "mae", "preset": "tiny", "overrides": {**QUICK, "batch_size": 4096}}, capsys)
     assert code == 2 and "batch_size" in err and "4096 exceeds the 600 readable training images" in err
     code, err = _dry_run(tmp_path, tiny_data / "synthetic",
-                         {"method": "dino", "preset": "tiny", "overrides": {"epochs": 2}}, capsys)
-    assert code == 2 and "warmup_teacher_temp_epochs" in err
-    assert "you did not set warmup_teacher_temp_epochs: preset dino/tiny sets 3" in err
+                         {"method": "dino", "preset": "tiny",
+                          "overrides": {"epochs": 2, "warmup_teacher_temp_epochs": 3}}, capsys)
+    assert code == 2 and "warmup_teacher_temp_epochs: dino/tiny seed 0: 3 exceeds epochs=2" in err
+    assert "you did not set" not in err  # the user set both
     code, err = _dry_run(tmp_path, tiny_data / "synthetic",
                          {"method": "ibot", "preset": "tiny", "overrides": {"epochs": 1, "pred_start_epoch": 2}},
                          capsys)
