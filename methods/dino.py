@@ -216,12 +216,12 @@ class DINO(MomentumTeacherMethod):
             paper_recipe="vit_small",
             vit=("pico", "ssl-repro CPU test size"),
             img_size=(32, "tiny data sets are 32x32"),
-            patch_size=(8, "4x4 grid on 32x32 global crops (4-px patches, one digit pixel each, never learned: "
-                           "see the description)"),
+            patch_size=(8, "4x4 grid on 32x32 global crops, as iBOT's tiny (4-px patches, a digit pixel each, "
+                           "never learned without BatchNorm; not measured with it)"),
             local_size=(16, "2x2 grid; the paper's 96/224 ratio, rounded to whole patches"),
             local_crops_number=(2, "ssl-repro CPU test: 4 crops per image (two local crops: +20.3 vs +15.6 "
                                    "without, seed 0, 20 epochs)"),
-            global_crops_scale=((0.5, 1.0), "crops that keep most of the digit: (0.25, 1) crops cut it in two"),
+            global_crops_scale=((0.5, 1.0), "crops that keep most of the digit, as EsViT's and iBOT's tiny"),
             color_jitter_prob=(0.0, "greyscale digits: with jitter and solarize (p 0.8 / 0.2) the margin falls "
                                     "(see the description)"),
             solarize_prob=(0.0, "as color_jitter_prob"),

