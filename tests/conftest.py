@@ -15,7 +15,8 @@ pytest_plugins = ["tests.conftest_data"]
 
 # tests/test_learning.py: the tests that read a background measurement, parametrised by its name (a method
 # or a BROKEN preset)
-LEARNING_TESTS = ("test_tiny_preset_beats_its_random_init_floor", "test_a_broken_preset_fails_the_learning_check")
+LEARNING_TESTS = ("test_tiny_preset_beats_its_random_init_floor", "test_a_broken_preset_fails_the_learning_check",
+                  "test_a_teacher_that_never_moves_fails_the_learning_check")
 
 
 def _is_learning_test(item: pytest.Item) -> bool:
@@ -35,9 +36,8 @@ def learning_measurements(request, tmp_path_factory):
     selected, started at the session's first test.
 
     Beside other tests: one measurement at a time per spare pair of cores (one on a 2-core machine: a run takes
-    about 1.3 cores, its torch thread and its loader workers), at nice 19, leaving a pair to the other tests;
-    once those are over, one per pair of cores, at least two. The margins do not depend on it (one torch thread
-    each)."""
+    about 1.3 cores, its torch thread and its loader workers), leaving a pair to the other tests; once those are
+    over, one per pair of cores, at least two. The margins do not depend on it (one torch thread each)."""
     selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
     if not selected:
         yield None
