@@ -36,8 +36,9 @@ def learning_measurements(request, tmp_path_factory):
     selected, started at the session's first test.
 
     Beside other tests: one measurement at a time per spare pair of cores (one on a 2-core machine: a run takes
-    about 1.3 cores, its torch thread and its loader workers), leaving a pair to the other tests; once those are
-    over, one per pair of cores, at least two. The margins do not depend on it (one torch thread each)."""
+    about 1.3 cores, its torch thread and its loader workers), at nice 19, leaving a pair to the other tests;
+    once those are over, one per pair of cores, at least two. The margins do not depend on it (one torch thread
+    each)."""
     selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
     if not selected:
         yield None
