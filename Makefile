@@ -28,10 +28,8 @@ lint: install
 
 # One process: two pytest-xdist workers (-n 2, a test file each) were no faster on a 2-core machine like CI's: every
 # CPU-bound test ran about 2x slower beside the other (the learning tests: 102-233 s each, vs 55-125 s alone).
-# OMP_WAIT_POLICY=PASSIVE: the learning tests' pre-trainings run in the background beside the other tests
-# (tests/conftest.py), and OpenMP threads that spin while waiting for a core another process holds waste it.
 test: lint
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 clean-runs:
 	rm -rf runs data/tiny

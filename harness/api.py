@@ -189,6 +189,8 @@ class Method(nn.Module):
     # The paper recipe's precision where its presets run another one (they say "auto": bf16 on GPU);
     # the recipe-deviation list then shows it.
     recipe_precision: ClassVar[str | None] = None
+    # Whether its BatchNorms (if any) are synchronised across GPUs, as the official training script does.
+    sync_batchnorm: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, train: Any) -> None:
         super().__init__()

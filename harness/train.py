@@ -136,8 +136,14 @@ def optimisation_step(model: Method, forward: torch.nn.Module, optimizer: torch.
     return {k: v.detach().float() for k, v in out.items()}
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def sync_batchnorms(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
+    """``model`` with SyncBatchNorms when it asks for them (``Method.sync_batchnorm``, e.g. main_dino.py:
+    "synchronize batch norms (if any)") and runs on several GPUs; the probes' BatchNorm stays per GPU, as in MAE
+    main_linprobe.py. The BatchNorms keep their Parameters, so param_groups() is unchanged. (SyncBatchNorm has
+    no CPU kernel.)"""
+    if getattr(model, "sync_batchnorm", False) and dist.world_size > 1 and dist.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 class TrainRun:
@@ -156,10 +162,7 @@ class TrainRun:
         if t.batch_size % dist.world_size:
             raise UserError("overrides.batch_size", f"{t.batch_size} is not divisible by {dist.world_size} "
                             "processes", "choose a batch size that is a multiple of the GPU count")
-        if dist.world_size > 1 and dist.device.type == "cuda" and _has_batchnorm(model):
-            # main_dino.py: "synchronize batch norms (if any)" (DINO's use_bn_in_head); the BatchNorms stay the
-            # same Parameters, so param_groups() is unchanged. (SyncBatchNorm has no CPU kernel.)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorms(model, dist)
         self.model, self.dataset = model, dataset
         self.sampler = ResumableSampler(len(self.dataset), t.batch_size, dist.world_size, dist.rank, spec.seed)
         self.ipe = self.sampler.batches_per_epoch

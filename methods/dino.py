@@ -162,6 +162,7 @@ _COMMON = dict(
 class DINO(MomentumTeacherMethod):
     config_cls = DINOConfig
     recipe_precision = "fp16"  # main_dino.py: --use_fp16 default True (torch.cuda.amp autocast + GradScaler)
+    sync_batchnorm = True  # main_dino.py: "synchronize batch norms (if any)" (use_bn_in_head)
     presets = {
         "vit_small": preset(
             "DINO ViT-S/16, 800 epochs (the released dino_deitsmall16 checkpoint: k-NN 74.5, linear 77.0)",

@@ -17,13 +17,14 @@ from torch import nn
 from harness import checkpoint as ckpt
 from harness.api import StepState
 from harness.config import resolve
+from harness.distributed import DistInfo
 from harness.errors import UserError
 from harness.export import build_timm, load_export
 from harness.matrix import expand
 from harness.records import read_record
 from harness.schedules import cosine_schedule
 from harness.stages import run_stage
-from harness.train import clip_gradients
+from harness.train import clip_gradients, sync_batchnorms
 from methods.augment import MultiCropAugmentation
 from methods.backbones import ViTShape, create_vit, interpolate_pos_embed
 from methods.dino import DINO, DINOLoss, vit_cls_token
@@ -140,6 +141,25 @@ def test_batchnorm_head_matches_official_in_train_and_eval_mode():
         for k, v in out["running_after_train"].items():
             assert _err(f"dino_head_bn.{k}", state[k], v) <= TOL
         assert _err("dino_head_bn.eval", head.eval()(x), out["output_eval_float64"]) <= TOL
+
+
+def test_batchnorm_head_is_synchronised_on_several_gpus_only():
+    # main_dino.py converts the BatchNorms to SyncBatchNorm; a linear probe's BatchNorm stays per GPU
+    # (MAE main_linprobe.py). The conversion itself runs on CPU modules; SyncBatchNorm's forward needs CUDA.
+    def on(world: int, kind: str) -> DistInfo:
+        return DistInfo(rank=0, local_rank=0, world_size=world, device=torch.device(kind))
+
+    def kinds(module: torch.nn.Module) -> set[type]:
+        return {type(m) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    model = tiny_dino(use_bn_in_head=True)
+    params = [id(p) for p in model.parameters()]
+    synced = sync_batchnorms(model, on(2, "cuda"))
+    assert kinds(synced) == {torch.nn.SyncBatchNorm} and [id(p) for p in synced.parameters()] == params
+    assert kinds(sync_batchnorms(tiny_dino(use_bn_in_head=True), on(1, "cuda"))) == {torch.nn.BatchNorm1d}
+    assert kinds(sync_batchnorms(tiny_dino(use_bn_in_head=True), on(2, "cpu"))) == {torch.nn.BatchNorm1d}
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False), torch.nn.Linear(8, 2))
+    assert kinds(sync_batchnorms(probe, on(2, "cuda"))) == {torch.nn.BatchNorm1d}
 
 
 def test_per_parameter_clipping_matches_official():
