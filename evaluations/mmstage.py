@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, ClassVar
 from harness.api import EvalInputs
 from harness.atomic import write_text
 from harness.errors import UserError
+from harness.preemption import StepGate
 from harness.stages import write_progress
 
 WORK_DIR = "mmengine"
@@ -70,8 +70,9 @@ class StageRun:
         return work_dir / name
 
 
-def stage_hook(stage_dir: Path, is_main: bool, images_per_iter: int, log_every: int) -> Any:
-    """An mmengine hook: USR2 only between iterations, progress for the stage, the last metrics and timing."""
+def stage_hook(stage_dir: Path, is_main: bool, images_per_iter: int, log_every: int, gate: StepGate) -> Any:
+    """An mmengine hook: USR2 only between iterations (``gate``, installed around ``runner.train()``), progress
+    for the stage, the last metrics and timing."""
     hook_base = _hook_base()
 
     class _StageHook(hook_base):
@@ -87,12 +88,12 @@ def stage_hook(stage_dir: Path, is_main: bool, images_per_iter: int, log_every: 
 
         def before_train(self, runner: Any) -> None:
             self.start_iter = runner.iter
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            gate.hold()
 
         def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
             # A pending preemption is delivered here, with every finished iteration counted in runner.iter.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            gate.release()
+            gate.hold()
             self._t0 = time.perf_counter()
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
@@ -107,7 +108,7 @@ def stage_hook(stage_dir: Path, is_main: bool, images_per_iter: int, log_every: 
                     write_progress(stage_dir, done, runner.max_iters, {"loss": self.last_loss, "img_per_s": rate})
 
         def after_train(self, runner: Any) -> None:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+            gate.release()
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
             self.metrics = dict(metrics or {})
@@ -167,11 +168,13 @@ def run_runner(inputs: EvalInputs, cfg_dict: dict[str, Any], images_per_iter: in
         _register_epoch_loop()
         cfg["train_cfg"] = {**cfg["train_cfg"], "type": _EPOCH_LOOP}
     runner = Runner.from_cfg(Config(cfg))
-    hook = stage_hook(stage_dir, dist is None or dist.is_main, images_per_iter, log_every)
+    gate = StepGate()
+    hook = stage_hook(stage_dir, dist is None or dist.is_main, images_per_iter, log_every, gate)
     runner.register_hook(hook, priority="VERY_LOW")
     inputs.track(StageRun(runner))
     try:
-        runner.train()
+        with gate:
+            runner.train()
     finally:
         inputs.track(None)
     metrics = hook.metrics

@@ -337,7 +337,7 @@ class StageRunner(submitit.helpers.Checkpointable):
         return run_stage(spec, self)
 
     def checkpoint(self, spec: StageSpec) -> submitit.helpers.DelayedSubmission:
-        # Called by submitit's USR2 handler; the loop blocks USR2 inside a step, so we are between steps.
+        # Called by submitit's USR2 handler, which the loop (StepGate) lets in only between iterations.
         if self.active is not None:
             self.active.save_checkpoint()
         end_attempt(spec.stage_dir, "preempted")  # closes only an attempt this process began

@@ -3,17 +3,16 @@
 Per iteration: schedules (lr, weight decay, teacher momentum) -> method.training_step under autocast ->
 backward -> clipping -> optimiser step -> method.after_step (EMA, centers). Randomness inside a step
 is reseeded from (seed, rank, step), and augmentations from (seed, epoch, index), so a resumed run
-retraces the uninterrupted one exactly. The step runs with SIGUSR2 blocked: submitit's preemption
-handler then only ever fires between steps, where the state is consistent and can be checkpointed.
+retraces the uninterrupted one exactly. A SIGUSR2 that arrives during an iteration (the step, its logging and
+checkpoint) waits for its end (``harness.preemption.StepGate``): submitit's preemption handler then only ever
+runs between iterations, where the state is consistent and can be checkpointed.
 """
 
 from __future__ import annotations
 
 import json
 import resource
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,19 +42,11 @@ from harness.export import save_export
 from harness.health import PREFIX as HEALTH
 from harness.health import CollapseError, HealthConfig, HealthMonitor, find_collapse
 from harness.optim import build_optimizer
+from harness.preemption import StepGate
 from harness.schedules import SCHEDULES, cosine_schedule
 from harness.tb import TrainingCurves
 
 CKPT_NAME = "last.pt"
-
-
-@contextmanager
-def _signals_blocked():
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -251,38 +242,39 @@ class TrainRun:
         self.model.train()
         # One loader for the run: its workers persist across epochs, each iteration re-reads the sampler's position.
         loader = build_loader(self.dataset, self.sampler, t.num_workers, dist.device.type == "cuda")
-        while self.step < max_steps:
-            epoch, start_batch = divmod(self.step, self.ipe)
-            self.sampler.set_position(epoch, start_batch)
-            for batch, _labels in loader:
-                with _signals_blocked():
-                    out = self._step(batch)
-                for k, v in out.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                nonfinite |= ~torch.isfinite(out["loss"])
-                n_in_interval += 1
-                end_of_epoch = self.step % self.ipe == 0
-                health = None
-                if n_in_interval == t.log_every or end_of_epoch or self.step == max_steps:
-                    seconds = time.perf_counter() - t_interval  # the health pass is not training time
-                    health = self._measure_health() if end_of_epoch else None
-                    last_logged = self._log(sums, n_in_interval, nonfinite, seconds, health)
-                    bar.update(n_in_interval)
-                    bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
-                    if on_progress:
-                        on_progress(self.step, self.total_steps, last_logged)
-                    sums, n_in_interval, t_interval = {}, 0, time.perf_counter()
-                ckpt_due = t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0
-                if ckpt_due or end_of_epoch or self.step == max_steps:
-                    if bool(nonfinite):
-                        raise self._nonfinite()
-                    self.save_checkpoint()
-                collapse = health and find_collapse(health, self.health_cfg, self.step // self.ipe)
-                if collapse and self.health_cfg.stop_on_collapse:
-                    bar.close()
-                    raise CollapseError(collapse, health)
-                if self.step >= max_steps:
-                    break
+        with StepGate() as gate:
+            while self.step < max_steps:
+                epoch, start_batch = divmod(self.step, self.ipe)
+                self.sampler.set_position(epoch, start_batch)
+                for batch, _labels in loader:
+                    with gate.step():  # a preemption waits for the end of the iteration
+                        out = self._step(batch)
+                        for k, v in out.items():
+                            sums[k] = sums[k] + v if k in sums else v
+                        nonfinite |= ~torch.isfinite(out["loss"])
+                        n_in_interval += 1
+                        end_of_epoch = self.step % self.ipe == 0
+                        health = None
+                        if n_in_interval == t.log_every or end_of_epoch or self.step == max_steps:
+                            seconds = time.perf_counter() - t_interval  # the health pass is not training time
+                            health = self._measure_health() if end_of_epoch else None
+                            last_logged = self._log(sums, n_in_interval, nonfinite, seconds, health)
+                            bar.update(n_in_interval)
+                            bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                            if on_progress:
+                                on_progress(self.step, self.total_steps, last_logged)
+                            sums, n_in_interval, t_interval = {}, 0, time.perf_counter()
+                        ckpt_due = t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0
+                        if ckpt_due or end_of_epoch or self.step == max_steps:
+                            if bool(nonfinite):
+                                raise self._nonfinite()
+                            self.save_checkpoint()
+                        collapse = health and find_collapse(health, self.health_cfg, self.step // self.ipe)
+                        if collapse and self.health_cfg.stop_on_collapse:
+                            bar.close()
+                            raise CollapseError(collapse, health)
+                        if self.step >= max_steps:
+                            break
         bar.close()
         if self.curves is not None:
             self.curves.close()

@@ -9,8 +9,6 @@ import subprocess
 
 import pytest
 
-from tests.learning import BackgroundMeasurements
-
 pytest_plugins = ["tests.conftest_data"]
 
 # tests/test_learning.py: the tests that read a background measurement, parametrised by its name (a method
@@ -43,6 +41,8 @@ def learning_measurements(request, tmp_path_factory):
     if not selected:
         yield None
         return
+    from tests.learning import BackgroundMeasurements  # here: it imports the harness, which a unit test may not need
+
     pairs = (os.cpu_count() or 2) // 2
     alone = max(2, pairs)
     beside = alone if len(selected) == len(request.session.items) else max(1, pairs - 1)

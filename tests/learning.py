@@ -95,6 +95,8 @@ def measure_learning(tmp_path: Path, method: str, preset: str = "tiny", data: st
 
 
 MIN_MARGIN = 10.0  # k-NN top-1 points over the random-init floor (issue 10)
+# The longest measurement takes ~4 min beside other runs on 2 cores; a run still going long after is hung.
+RESULT_TIMEOUT_S = 1200.0
 
 # method -> the tiny set its preset is measured on (tests/test_learning.py); the longest first
 LEARNS: dict[str, str] = {
@@ -159,15 +161,23 @@ class BackgroundMeasurements:
     def _submit(self, pool: ProcessPoolExecutor, name: str) -> Future:
         return pool.submit(measure_on_one_thread, self._root / name, name, self._tiny_root)
 
-    def result(self, name: str) -> Learning:
+    def result(self, name: str, timeout_s: float = RESULT_TIMEOUT_S) -> Learning:
+        """Raises TimeoutError when the measurement is not over ``timeout_s`` after this call (a hung run must fail
+        its test, not hang the session)."""
         if not self._widened:
             self._widened = True
             pending = [n for n, f in self.futures.items() if f.cancel()]  # not handed to a worker yet
             if pending and self._extra:
                 self._pools.append(self._pool(self._extra))
                 self.futures.update({n: self._submit(self._pools[-1], n) for n in pending})
-        return self.futures[name].result()
+        return self.futures[name].result(timeout=timeout_s)
 
     def close(self) -> None:
+        """Ends the measurements; one still running (after a timeout, or when the session stops early) is killed."""
+        running = any(not f.done() for f in self.futures.values())
         for pool in self._pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # concurrent.futures cannot stop a call that runs: its worker processes are ended instead
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=not running, cancel_futures=True)
+            for process in workers if running else ():
+                process.kill()

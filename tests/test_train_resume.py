@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch
 
 from harness import checkpoint as ckpt
 from harness.data import ResumableSampler, SeededAugmentDataset, build_loader, mix_seed, seed_everything
 from harness.errors import NonFiniteLossError
+from harness.preemption import StepGate
 from harness.records import read_record
-from harness.stages import run_stage
+from harness.stages import StageRunner, run_stage
 from methods.mae import MAE
 from tests.helpers import pretrain_spec, read_metrics
 
@@ -44,6 +50,66 @@ def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path, tiny_data
     a = ckpt.load(f"{full.stage_dir}/ckpt/last.pt")["model"]
     b = ckpt.load(f"{resumed.stage_dir}/ckpt/last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_preemption_during_a_step_is_handled_after_the_step(tmp_path, tiny_data, monkeypatch):
+    # CPython runs a Python signal handler in the main thread whichever thread the kernel gave the signal to, so a
+    # SIGUSR2 blocked in the main thread still reached submitit's handler mid-step whenever another thread left it
+    # unblocked (torch's OpenMP pool, tqdm's monitor; here `taker`): after the optimiser step, before the step
+    # counter moved, it checkpointed weights one update ahead of their step.
+    runner, seen = StageRunner(), []
+
+    def preemption_handler(signum, frame):  # what submitit's would checkpoint
+        run = runner.active
+        seen.append((run.step, {int(s["step"]) for s in run.optimizer.state.values()}))
+
+    original = MAE.after_step
+
+    def after_step_then_preempted(self, state):
+        original(self, state)
+        if state.step == 2:  # the third step, after its optimiser step
+            os.kill(os.getpid(), signal.SIGUSR2)
+            deadline = time.monotonic() + 2.0  # Python bytecodes, where a handler let in runs (once `taker` took it)
+            while not seen and time.monotonic() < deadline:
+                pass
+
+    monkeypatch.setattr(MAE, "after_step", after_step_then_preempted)
+    release = threading.Event()
+    taker = threading.Thread(target=release.wait, daemon=True)
+    taker.start()
+    previous = signal.signal(signal.SIGUSR2, preemption_handler)
+    try:
+        stage = pretrain_spec(tmp_path, tiny_data / "synthetic", {**FAST, "max_steps": 5}).cells[0].pretrain
+        run_stage(stage, runner)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        release.set()
+    assert seen == [(3, {3})]  # after the third step, which the optimiser's state counts too
+    assert signal.getsignal(signal.SIGUSR2) is previous
+
+
+def test_the_step_gate_delivers_after_the_step_and_drops_what_a_failed_step_held():
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        with StepGate() as gate:
+            with gate.step():
+                signal.raise_signal(signal.SIGUSR2)
+                assert calls == []
+            assert calls == [signal.SIGUSR2]
+            with pytest.raises(RuntimeError), gate.step():
+                signal.raise_signal(signal.SIGUSR2)
+                raise RuntimeError("the step failed: its state is not one to checkpoint")
+            assert calls == [signal.SIGUSR2]
+            signal.raise_signal(signal.SIGUSR2)  # between steps: straight through
+            assert calls == [signal.SIGUSR2] * 2
+        assert signal.getsignal(signal.SIGUSR2) is handler  # the gate put it back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_checkpoint_holds_everything_for_a_resume(tmp_path, tiny_data):
