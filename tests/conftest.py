@@ -11,14 +11,11 @@ import pytest
 
 pytest_plugins = ["tests.conftest_data"]
 
-# tests/test_learning.py: the tests that read a background measurement, parametrised by its name (a method
-# or a BROKEN preset)
-LEARNING_TESTS = ("test_tiny_preset_beats_its_random_init_floor", "test_a_broken_preset_fails_the_learning_check",
-                  "test_a_teacher_that_never_moves_fails_the_learning_check")
-
 
 def _is_learning_test(item: pytest.Item) -> bool:
-    return getattr(item, "originalname", None) in LEARNING_TESTS
+    # tests/test_learning.py: a test marked "learning" reads the background measurement its "name" parameter
+    # names (a method in tests/learning.LEARNS or a BROKEN preset)
+    return item.get_closest_marker("learning") is not None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,6 +17,7 @@ from tests.learning import LEARNS, learning_problems
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("name", list(LEARNS))
 def test_tiny_preset_beats_its_random_init_floor(learning_measurements, name):
     result = learning_measurements.result(name)
@@ -24,6 +25,7 @@ def test_tiny_preset_beats_its_random_init_floor(learning_measurements, name):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("name", ["dino_teacher_temp_equals_student_temp"])
 def test_a_broken_preset_fails_the_learning_check(learning_measurements, name):
     # Measured (seed 0): 36.9 vs 50.0 (margin -13.1); teacher entropy ratio 0.982, just past the uniform flag.
@@ -32,6 +34,7 @@ def test_a_broken_preset_fails_the_learning_check(learning_measurements, name):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("name", ["dino_teacher_never_moves"])
 def test_a_teacher_that_never_moves_fails_the_learning_check(learning_measurements, name):
     # (Its centred targets are also near uniform, as at initialisation: the collapse flag may come too.)
