@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -234,54 +234,56 @@ class TrainRun:
         max_steps = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, mininterval=5,
                    desc=f"{self.desc} {self.spec.method}/{self.spec.preset} s{self.spec.seed}")
-        sums: dict[str, torch.Tensor] = {}
-        nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
-        n_in_interval, t_interval, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), self.step
-        last_logged: dict[str, float] = {}
+        interval = _Interval(torch.zeros((), dtype=torch.bool, device=dist.device))
+        t_start, start_step = time.perf_counter(), self.step
         self.curves = TrainingCurves.for_run(self) if dist.is_main else None
         self.model.train()
         # One loader for the run: its workers persist across epochs, each iteration re-reads the sampler's position.
         loader = build_loader(self.dataset, self.sampler, t.num_workers, dist.device.type == "cuda")
-        with StepGate() as gate:
-            while self.step < max_steps:
-                epoch, start_batch = divmod(self.step, self.ipe)
-                self.sampler.set_position(epoch, start_batch)
-                for batch, _labels in loader:
-                    with gate.step():  # a preemption waits for the end of the iteration
-                        out = self._step(batch)
-                        for k, v in out.items():
-                            sums[k] = sums[k] + v if k in sums else v
-                        nonfinite |= ~torch.isfinite(out["loss"])
-                        n_in_interval += 1
-                        end_of_epoch = self.step % self.ipe == 0
-                        health = None
-                        if n_in_interval == t.log_every or end_of_epoch or self.step == max_steps:
-                            seconds = time.perf_counter() - t_interval  # the health pass is not training time
-                            health = self._measure_health() if end_of_epoch else None
-                            last_logged = self._log(sums, n_in_interval, nonfinite, seconds, health)
-                            bar.update(n_in_interval)
-                            bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
-                            if on_progress:
-                                on_progress(self.step, self.total_steps, last_logged)
-                            sums, n_in_interval, t_interval = {}, 0, time.perf_counter()
-                        ckpt_due = t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0
-                        if ckpt_due or end_of_epoch or self.step == max_steps:
-                            if bool(nonfinite):
-                                raise self._nonfinite()
-                            self.save_checkpoint()
-                        collapse = health and find_collapse(health, self.health_cfg, self.step // self.ipe)
-                        if collapse and self.health_cfg.stop_on_collapse:
-                            bar.close()
-                            raise CollapseError(collapse, health)
+        try:
+            with StepGate() as gate:
+                while self.step < max_steps:
+                    self.sampler.set_position(*divmod(self.step, self.ipe))
+                    for batch, _labels in loader:
+                        with gate.step():  # a preemption waits for the end of the iteration
+                            self._iteration(batch, interval, max_steps, bar, on_progress)
                         if self.step >= max_steps:
                             break
-        bar.close()
-        if self.curves is not None:
-            self.curves.close()
+        finally:
+            bar.close()
+            if self.curves is not None:
+                self.curves.close()
         elapsed = time.perf_counter() - t_start
         images = (self.step - start_step) * t.batch_size
-        return {"final": last_logged, "steps": self.step, "img_per_s": images / elapsed if elapsed > 0 else 0.0,
-                "train_seconds": elapsed, "resumed_from_step": self.resumed_from_step}
+        return {"final": interval.last_logged, "steps": self.step,
+                "img_per_s": images / elapsed if elapsed > 0 else 0.0, "train_seconds": elapsed,
+                "resumed_from_step": self.resumed_from_step}
+
+    def _iteration(self, batch: Any, interval: _Interval, max_steps: int, bar: tqdm, on_progress) -> None:
+        """One step and what follows it: the interval's log line (and the health pass at an epoch end), the
+        checkpoint when due, the collapse check."""
+        t = self.train
+        out = self._step(batch)
+        interval.add(out)
+        end_of_epoch = self.step % self.ipe == 0
+        health = None
+        if interval.n == t.log_every or end_of_epoch or self.step == max_steps:
+            seconds = time.perf_counter() - interval.t0  # the health pass is not training time
+            health = self._measure_health() if end_of_epoch else None
+            logged = self._log(interval.sums, interval.n, interval.nonfinite, seconds, health)
+            bar.update(interval.n)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if on_progress:
+                on_progress(self.step, self.total_steps, logged)
+            interval.restart(logged)
+        ckpt_due = t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0
+        if ckpt_due or end_of_epoch or self.step == max_steps:
+            if bool(interval.nonfinite):
+                raise self._nonfinite()
+            self.save_checkpoint()
+        collapse = health and find_collapse(health, self.health_cfg, self.step // self.ipe)
+        if collapse and self.health_cfg.stop_on_collapse:
+            raise CollapseError(collapse, health)
 
     def _nonfinite(self) -> NonFiniteLossError:
         kept = (f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) was kept"
@@ -313,6 +315,27 @@ class TrainRun:
                 self.curves.log(entry, self._state(self.step - 1))
         return entry
 
+
+
+@dataclass
+class _Interval:
+    """The loss terms summed on the device since the last log line (read at the next one: no host sync per
+    step), and whether any was non-finite since the run started."""
+
+    nonfinite: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    last_logged: dict[str, float] = field(default_factory=dict)
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.nonfinite |= ~torch.isfinite(out["loss"])
+        self.n += 1
+
+    def restart(self, logged: dict[str, float]) -> None:
+        self.sums, self.n, self.t0, self.last_logged = {}, 0, time.perf_counter(), logged
 
 
 class PretrainRun(TrainRun):

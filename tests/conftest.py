@@ -28,23 +28,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def learning_measurements(request, tmp_path_factory):
     """The learning measurements (tests/learning.BackgroundMeasurements) of every learning test this session
-    selected, started at the session's first test.
-
-    Beside other tests: one measurement at a time per spare pair of cores (one on a 2-core machine: a run takes
-    about 1.3 cores, its torch thread and its loader workers), at nice 19, leaving a pair to the other tests;
-    once those are over, one per pair of cores, at least two. The margins do not depend on it (one torch thread
-    each)."""
+    selected, started at the session's first test: one per pair of cores at a time, at least two, at nice 19
+    beside the other tests. Two on a 2-core machine: the suite took 985 s of pytest with two, 1156 s with one
+    (and a second one once the other tests were over). The margins do not depend on it (one torch thread each)."""
     selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
     if not selected:
         yield None
         return
     from tests.learning import BackgroundMeasurements  # here: it imports the harness, which a unit test may not need
 
-    pairs = (os.cpu_count() or 2) // 2
-    alone = max(2, pairs)
-    beside = alone if len(selected) == len(request.session.items) else max(1, pairs - 1)
     measurements = BackgroundMeasurements(selected, tmp_path_factory.mktemp("learning"),
-                                          request.getfixturevalue("tiny_data"), beside, alone)
+                                          request.getfixturevalue("tiny_data"), max(2, (os.cpu_count() or 2) // 2))
     try:
         yield measurements
     finally:

@@ -141,43 +141,27 @@ def learning_problems(result: Learning, min_margin: float = MIN_MARGIN) -> list[
 
 class BackgroundMeasurements:
     """A test session's learning measurements (names from LEARNS or BROKEN), each in a spawned process (a forked
-    child would inherit pytest's state and torch's thread pool), ``beside`` at a time while other tests run.
-    They run at the lowest CPU priority (nice 19), so that they take the cores the tests leave idle rather than
-    slowing the tests: on a 2-core machine, without it the suite spent ~4.5 more CPU minutes in all (threads
-    spinning while another process held their core). ``result(name)`` waits for one; its first call means the
-    other tests are over, and the measurements not yet started then run ``alone - beside`` more at a time."""
+    child would inherit pytest's state and torch's thread pool), ``workers`` at a time from the session's start.
+    They run at the lowest CPU priority (nice 19), so that they take the CPU time the other tests leave (waits
+    on subprocesses, on SLURM, on jobs) rather than slowing them. ``result(name)`` waits for one."""
 
-    def __init__(self, names: list[str], root: Path, tiny_root: Path, beside: int, alone: int) -> None:
-        self._root, self._tiny_root, self._extra = root, tiny_root, max(0, alone - beside)
-        self._pools = [self._pool(beside)]
-        self.futures: dict[str, Future] = {name: self._submit(self._pools[0], name) for name in names}
-        self._widened = False
-
-    @staticmethod
-    def _pool(workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
-                                   initargs=(19,))
-
-    def _submit(self, pool: ProcessPoolExecutor, name: str) -> Future:
-        return pool.submit(measure_on_one_thread, self._root / name, name, self._tiny_root)
+    def __init__(self, names: list[str], root: Path, tiny_root: Path, workers: int) -> None:
+        self._root, self._tiny_root = root, tiny_root
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=os.nice, initargs=(19,))
+        self.futures: dict[str, Future] = {
+            name: self._pool.submit(measure_on_one_thread, root / name, name, tiny_root) for name in names}
 
     def result(self, name: str, timeout_s: float = RESULT_TIMEOUT_S) -> Learning:
         """Raises TimeoutError when the measurement is not over ``timeout_s`` after this call (a hung run must fail
         its test, not hang the session)."""
-        if not self._widened:
-            self._widened = True
-            pending = [n for n, f in self.futures.items() if f.cancel()]  # not handed to a worker yet
-            if pending and self._extra:
-                self._pools.append(self._pool(self._extra))
-                self.futures.update({n: self._submit(self._pools[-1], n) for n in pending})
         return self.futures[name].result(timeout=timeout_s)
 
     def close(self) -> None:
         """Ends the measurements; one still running (after a timeout, or when the session stops early) is killed."""
         running = any(not f.done() for f in self.futures.values())
-        for pool in self._pools:
-            # concurrent.futures cannot stop a call that runs: its worker processes are ended instead
-            workers = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=not running, cancel_futures=True)
-            for process in workers if running else ():
-                process.kill()
+        # concurrent.futures cannot stop a call that runs: its worker processes are ended instead
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=not running, cancel_futures=True)
+        for process in workers if running else ():
+            process.kill()
