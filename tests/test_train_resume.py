@@ -81,11 +81,11 @@ def test_a_preemption_during_a_step_is_handled_after_the_step(tmp_path, tiny_dat
     try:
         stage = pretrain_spec(tmp_path, tiny_data / "synthetic", {**FAST, "max_steps": 5}).cells[0].pretrain
         run_stage(stage, runner)
+        assert signal.getsignal(signal.SIGUSR2) is preemption_handler  # the loop put it back
     finally:
         signal.signal(signal.SIGUSR2, previous)
         release.set()
     assert seen == [(3, {3})]  # after the third step, which the optimiser's state counts too
-    assert signal.getsignal(signal.SIGUSR2) is previous
 
 
 def test_the_step_gate_delivers_after_the_step_and_drops_what_a_failed_step_held():
