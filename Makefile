@@ -30,7 +30,7 @@ lint: install
 # CPU-bound test ran about 2x slower beside the other (the learning tests: 102-233 s each, vs 55-125 s alone).
 # OMP_WAIT_POLICY=PASSIVE: the learning tests' pre-trainings run in the background beside the other tests
 # (tests/conftest.py), and OpenMP threads that spin while waiting for a core another process holds waste it
-# (measured: 1011 vs 1117 s of pytest).
+# (one run each: 1011 vs 1117 s of pytest, within this host's run-to-run spread of ~15 %).
 test: lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra --durations=15
 

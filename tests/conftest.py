@@ -29,8 +29,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def learning_measurements(request, tmp_path_factory):
     """The learning measurements (tests/learning.BackgroundMeasurements) of every learning test this session
     selected, started at the session's first test: one per pair of cores at a time, at least two, at nice 19
-    beside the other tests. Two on a 2-core machine: the suite took 985 s of pytest with two, 1156 s with one
-    (and a second one once the other tests were over). The margins do not depend on it (one torch thread each)."""
+    beside the other tests (two on a 2-core machine). Measured here: 1098 and 1204 s of pytest with two, 1156 s
+    with one (and a second once the other tests were over); the host's speed varied as much, so the gain is not
+    shown. The margins do not depend on it (one torch thread each)."""
     selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
     if not selected:
         yield None
