@@ -176,6 +176,7 @@ class TrainRun:
         self.health: HealthMonitor | None = None  # pre-training: representation health at each epoch end
         self.health_cfg = HealthConfig()
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
+        self._nonfinite_seen: torch.Tensor | None = None  # the running loop's flag (_Interval.nonfinite)
         if self.ckpt_path.exists():
             self._load(ckpt.load(self.ckpt_path))
 
@@ -200,8 +201,10 @@ class TrainRun:
             write_text(path, "".join(line + "\n" for line in keep))
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes; state is consistent because this runs only between steps."""
-        if not self.dist.is_main:
+        """Rank 0 writes; state is consistent because this runs only between steps. Weights a non-finite loss
+        has reached are not written: a preemption can land after such a step and before the loop's next check
+        (at the next log line or checkpoint), and the last good checkpoint must stay."""
+        if not self.dist.is_main or (self._nonfinite_seen is not None and bool(self._nonfinite_seen)):
             return None
         self.saved_step = self.step
         return ckpt.save(self.ckpt_path, {
@@ -235,6 +238,7 @@ class TrainRun:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, mininterval=5,
                    desc=f"{self.desc} {self.spec.method}/{self.spec.preset} s{self.spec.seed}")
         interval = _Interval(torch.zeros((), dtype=torch.bool, device=dist.device))
+        self._nonfinite_seen = interval.nonfinite  # updated in place by interval.add
         t_start, start_step = time.perf_counter(), self.step
         self.curves = TrainingCurves.for_run(self) if dist.is_main else None
         self.model.train()
@@ -331,7 +335,7 @@ class _Interval:
     def add(self, out: dict[str, torch.Tensor]) -> None:
         for k, v in out.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.nonfinite |= ~torch.isfinite(out["loss"])
+        self.nonfinite.logical_or_(~torch.isfinite(out["loss"]))  # in place: TrainRun.save_checkpoint reads it
         self.n += 1
 
     def restart(self, logged: dict[str, float]) -> None:

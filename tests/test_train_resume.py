@@ -140,6 +140,40 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
 
 
+def test_a_preemption_after_a_non_finite_step_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    # The loop checks the loss only at a log line or a checkpoint; a preemption between (here after the sixth step,
+    # the log lines every 5) must not write the weights the NaN reached over the good step-4 checkpoint.
+    runner, written = StageRunner(), []
+
+    def preemption_handler(signum, frame):  # what submitit's does: StageRunner.checkpoint saves the active loop
+        written.append(runner.active.save_checkpoint())
+
+    original_step, original_after = MAE.training_step, MAE.after_step
+
+    def poisoned(self, batch, state):
+        out = original_step(self, batch, state)
+        return {"loss": out["loss"] * float("nan")} if state.step == 5 else out
+
+    def after_step_then_preempted(self, state):
+        original_after(self, state)
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGUSR2)  # the gate hands it over when this iteration ends
+
+    monkeypatch.setattr(MAE, "training_step", poisoned)
+    monkeypatch.setattr(MAE, "after_step", after_step_then_preempted)
+    previous = signal.signal(signal.SIGUSR2, preemption_handler)
+    try:
+        stage = pretrain_spec(tmp_path, tiny_data / "synthetic", {**FAST, "log_every": 5}).cells[0].pretrain
+        with pytest.raises(NonFiniteLossError, match="step 4"):
+            run_stage(stage, runner)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert written == [None]  # the preemption came, and wrote nothing
+    state = ckpt.load(f"{stage.stage_dir}/ckpt/last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_seed_everything_gives_torch_manual_seeds_cpu_stream():
     seed_everything(mix_seed(3, 1, 4))
     ours = (torch.rand(5), torch.randperm(9))
