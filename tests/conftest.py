@@ -32,7 +32,9 @@ def learning_measurements(request, tmp_path_factory):
     beside the other tests (two on a 2-core machine). Measured here: 1098 and 1204 s of pytest with two, 1156 s
     with one (and a second once the other tests were over); the host's speed varied as much, so the gain is not
     shown. The margins do not depend on it (one torch thread each)."""
-    selected = [item.callspec.params["name"] for item in request.session.items if _is_learning_test(item)]
+    # once each: several tests may read one measurement
+    selected = list(dict.fromkeys(item.callspec.params["name"] for item in request.session.items
+                                  if _is_learning_test(item)))
     if not selected:
         yield None
         return
