@@ -17,7 +17,9 @@ import pytest
 
 from tests.learning import LEARNS, SHORT_OF_THE_BAR, learning_problems
 
-_SHORT = pytest.mark.xfail(strict=True, reason="below the issue-10 bar: see the preset's description")
+# Only the margin assertion is the expected failure: a measurement that crashes or times out still fails.
+_SHORT = pytest.mark.xfail(strict=True, raises=AssertionError,
+                           reason="below the issue-10 bar: see the preset's description")
 
 
 @pytest.mark.slow
